@@ -1,0 +1,132 @@
+"""The pipeline spec: one pydantic model shared by the spec file (`qadistill distill`) and `POST /v1/jobs`.
+
+Loss conventions (toolkits disagree on both, so they are fixed here):
+- `alpha` weighs the *soft* term: L = (1 - alpha) * CE(student, hard) + alpha * T^2 * KL(p_T || q_T),
+  with p_T = softmax(teacher / T) and q_T = softmax(student / T).
+- The soft term is multiplied by T^2 so that its gradients keep the same scale as T changes
+  (Hinton et al. 2015).
+"""
+
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Variant = Literal["kd", "mkd", "tkd", "tmkd"]
+VARIANTS_WITH_STAGE1: frozenset[str] = frozenset({"tkd", "tmkd"})
+SINGLE_TEACHER_VARIANTS: frozenset[str] = frozenset({"kd", "tkd"})
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSpec(_Strict):
+    """One teacher: fine-tuned from `base` with its own hyper-parameters, or ready-made at `path`."""
+
+    name: Name = Field(description="Id of the teacher within the job; names its head in the student.")
+    base: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Base checkpoint: 'all-MiniLM-L6-v2', 'all-mpnet-base-v2' or a Hugging Face model folder.",
+    )
+    path: str | None = Field(None, description="A ready-made teacher folder; when set, no training.")
+    learning_rate: float = Field(3e-5, gt=0, le=1)
+    epochs: float = Field(1.0, gt=0, le=50)
+    batch_size: int = Field(16, ge=1, le=1024)
+    max_length: int = Field(128, ge=8, le=512)
+    seed: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+
+
+class StudentSpec(_Strict):
+    """The compact student: a small transformer (initialised from chosen layers) or the paper's BiLSTM."""
+
+    kind: Literal["transformer", "bilstm"] = "transformer"
+    init_from: str | None = Field(
+        "all-MiniLM-L6-v2",
+        description="Model to copy embeddings and layers from (a base name, a folder or a teacher's name); "
+        "null trains from scratch with the sizes below and the tokenizer of the first teacher.",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Which encoder layers of init_from to keep, e.g. [0, 2, 4]; null keeps num_layers."
+    )
+    num_layers: int = Field(3, ge=1, le=24)
+    hidden_size: int = Field(384, ge=8, le=4096)
+    num_attention_heads: int = Field(12, ge=1, le=64)
+    intermediate_size: int = Field(1536, ge=8, le=16384)
+    embedding_dim: int = Field(128, ge=8, le=1024, description="BiLSTM only.")
+    lstm_hidden: int = Field(256, ge=8, le=2048, description="BiLSTM only.")
+    max_length: int = Field(128, ge=8, le=512)
+
+
+class DistillSpec(_Strict):
+    """Knowledge-distillation weights: see the module docstring for the conventions."""
+
+    temperature: float = Field(2.0, gt=0, le=100, description="T; soft term scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (teacher) term; 1-alpha on hard labels.")
+    combine: Literal["mean"] = Field("mean", description="How heads' and members' scores combine.")
+
+
+class StageSpec(_Strict):
+    """Training settings of one student stage."""
+
+    epochs: float = Field(1.0, gt=0, le=50)
+    learning_rate: float = Field(5e-5, gt=0, le=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+
+
+class DataSpec(_Strict):
+    """Data sets: file paths for `qadistill distill`, dataset ids or names for the service."""
+
+    train: str = Field(min_length=1, description="Labelled pairs: teachers' training and stage 2.")
+    eval: str = Field(min_length=1, description="Labelled pairs the teachers and students are measured on.")
+    unlabeled: str | None = Field(None, description="Unlabelled pairs for stage 1 (needed by tkd and tmkd).")
+
+
+class PipelineSpec(_Strict):
+    """A whole distillation run: teachers, student, distillation weights, stages and variants."""
+
+    name: Name = Field(description="Model name the resulting student ensemble is registered under.")
+    variants: list[Variant] = Field(["tmkd"], min_length=1, description="Variants trained side by side.")
+    data: DataSpec
+    teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
+    student: StudentSpec = StudentSpec()
+    distill: DistillSpec = DistillSpec()
+    stage1: StageSpec = StageSpec()
+    stage2: StageSpec = StageSpec()
+    ensemble_size: int = Field(1, ge=1, le=8, description="M-on-M: students per variant, scores averaged.")
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N optimiser steps (and at stage end).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def check_consistency(self) -> Self:
+        """Cross-field rules; each error names the field at fault."""
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("variants: each variant may appear once")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError("teachers: teacher names must be unique")
+        if any(v in VARIANTS_WITH_STAGE1 for v in self.variants) and not self.data.unlabeled:
+            raise ValueError("data.unlabeled: variants tkd and tmkd need unlabelled pairs for stage 1")
+        if self.student.kind == "transformer" and self.student.layers is not None:
+            if not self.student.layers:
+                raise ValueError("student.layers: give at least one layer, or null")
+            if len(set(self.student.layers)) != len(self.student.layers):
+                raise ValueError("student.layers: layers must be distinct")
+        if self.student.init_from is None and self.student.hidden_size % self.student.num_attention_heads:
+            raise ValueError("student.hidden_size: must be a multiple of student.num_attention_heads")
+        return self
+
+    @property
+    def primary_variant(self) -> str:
+        """The variant registered and served: tmkd when it is run, else the last one listed."""
+        return "tmkd" if "tmkd" in self.variants else self.variants[-1]
+
+    def teachers_for(self, variant: str) -> list[TeacherSpec]:
+        """The teachers a variant learns from: the first for kd/tkd, all for mkd/tmkd."""
+        return self.teachers[:1] if variant in SINGLE_TEACHER_VARIANTS else list(self.teachers)

@@ -1,0 +1,58 @@
+"""Every knob of the service in one place, read from the environment with the QADISTILL_ prefix."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings; the defaults are embedded mode (SQLite, no broker server, local artifacts)."""
+
+    model_config = SettingsConfigDict(env_prefix="QADISTILL_", env_file=".env", extra="ignore")
+
+    environment: str = Field("development", description="'development' or 'production'.")
+    home: Path = Field(Path(".qadistill"), description="Folder for embedded-mode state.")
+    database_url: str = ""
+    broker_url: str = ""
+    artifacts_url: str = ""
+    cache_dir: Path | None = Field(None, description="Soft-label and pretrained-model cache.")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_concurrency: int = 1
+
+    # Upload and request limits.
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_request_bytes: int = 1024 * 1024
+    max_passages: int = 100
+    max_passage_chars: int = 4000
+    max_question_chars: int = 1000
+
+    # Serving.
+    serve_max_batch_pairs: int = 256
+    serve_max_wait_ms: float = 2.0
+    serve_max_queue: int = 512
+    serve_cache_bytes: int = 2 * 1024**3
+    serve_threads: int = 0
+
+    @model_validator(mode="after")
+    def fill_embedded_defaults(self) -> "Settings":
+        """Derive embedded-mode URLs under `home`; production must set them explicitly."""
+        home = self.home.resolve()
+        if self.environment == "production":
+            missing = [n for n in ("database_url", "broker_url", "artifacts_url") if not getattr(self, n)]
+            if missing:
+                raise ValueError(f"production needs QADISTILL_{missing[0].upper()} to be set")
+        self.database_url = self.database_url or f"sqlite:///{home / 'qadistill.db'}"
+        self.broker_url = self.broker_url or f"sqla+sqlite:///{home / 'broker.db'}"
+        self.artifacts_url = self.artifacts_url or str(home / "artifacts")
+        self.cache_dir = self.cache_dir or home / "cache"
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
