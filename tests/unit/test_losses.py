@@ -1,0 +1,126 @@
+"""Distillation losses against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from app.distill.losses import hard_loss, kd_loss, multi_head_loss, soft_loss
+
+STUDENT = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, -0.5]])
+TEACHER = torch.tensor([[1.0, 1.0], [-1.0, 2.0], [3.0, 0.0]])
+LABELS = torch.tensor([0, 1, 1])
+
+
+def softmax(row: list[float], temperature: float = 1.0) -> list[float]:
+    exps = [math.exp(x / temperature) for x in row]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+def hand_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return sum(
+        -math.log(softmax(row)[y]) for row, y in zip(logits.tolist(), labels.tolist(), strict=True)
+    ) / len(labels)
+
+
+def hand_soft(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
+    pairs = zip(teacher.tolist(), student.tolist(), strict=True)
+    mean_kl = sum(kl(softmax(t, temperature), softmax(s, temperature)) for t, s in pairs) / len(student)
+    return temperature**2 * mean_kl
+
+
+def test_hard_loss_is_mean_cross_entropy() -> None:
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 3
+    assert hard_loss(STUDENT, LABELS).item() == pytest.approx(expected, rel=1e-6)
+    assert hard_loss(STUDENT, LABELS).item() == pytest.approx(hand_cross_entropy(STUDENT, LABELS), rel=1e-6)
+
+
+def test_soft_loss_at_t1_is_kl_of_teacher_to_student() -> None:
+    # Row 0 by hand: teacher (0.5, 0.5), student (e^2, 1) / (e^2 + 1).
+    q0 = math.exp(2) / (math.exp(2) + 1)
+    row0 = 0.5 * math.log(0.5 / q0) + 0.5 * math.log(0.5 / (1 - q0))
+    assert soft_loss(STUDENT[:1], TEACHER[:1], temperature=1.0).item() == pytest.approx(row0, rel=1e-6)
+    assert soft_loss(STUDENT, TEACHER, temperature=1.0).item() == pytest.approx(
+        hand_soft(STUDENT, TEACHER, 1.0), rel=1e-6
+    )
+
+
+def test_soft_loss_is_scaled_by_t_squared() -> None:
+    tempered_kl = hand_soft(STUDENT, TEACHER, 2.0) / 4
+    assert soft_loss(STUDENT, TEACHER, temperature=2.0).item() == pytest.approx(4 * tempered_kl, rel=1e-6)
+    assert soft_loss(STUDENT, TEACHER, temperature=5.0).item() == pytest.approx(
+        hand_soft(STUDENT, TEACHER, 5.0), rel=1e-6
+    )
+
+
+def test_soft_loss_is_zero_when_student_matches_teacher() -> None:
+    assert soft_loss(TEACHER.clone(), TEACHER, temperature=3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_soft_loss_sends_no_gradient_to_the_teacher() -> None:
+    student = STUDENT.clone().requires_grad_()
+    teacher = TEACHER.clone().requires_grad_()
+    soft_loss(student, teacher, temperature=2.0).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_kd_loss_weighs_the_soft_term_by_alpha(alpha: float) -> None:
+    expected = (1 - alpha) * hand_cross_entropy(STUDENT, LABELS) + alpha * hand_soft(STUDENT, TEACHER, 2.0)
+    got = kd_loss(STUDENT, TEACHER, LABELS, temperature=2.0, alpha=alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_loss_alpha_extremes_are_pure_terms() -> None:
+    pure_ce = kd_loss(STUDENT, TEACHER, LABELS, temperature=2.0, alpha=0.0)
+    pure_soft = kd_loss(STUDENT, TEACHER, None, temperature=2.0, alpha=1.0)
+    assert pure_ce.item() == pytest.approx(hard_loss(STUDENT, LABELS).item(), rel=1e-7)
+    assert pure_soft.item() == pytest.approx(soft_loss(STUDENT, TEACHER, 2.0).item(), rel=1e-7)
+
+
+def test_kd_loss_needs_labels_unless_alpha_is_1() -> None:
+    with pytest.raises(ValueError, match="labels"):
+        kd_loss(STUDENT, TEACHER, None, temperature=2.0, alpha=0.5)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_kd_loss_refuses_alpha_outside_0_1(alpha: float) -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss(STUDENT, TEACHER, LABELS, temperature=2.0, alpha=alpha)
+
+
+def test_soft_loss_refuses_bad_temperature_and_shapes() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        soft_loss(STUDENT, TEACHER, temperature=0.0)
+    with pytest.raises(ValueError, match="differ"):
+        soft_loss(STUDENT, TEACHER[:2], temperature=1.0)
+
+
+def test_multi_head_loss_sums_kd_over_heads() -> None:
+    heads = torch.stack([STUDENT, STUDENT.flip(-1)], dim=1)
+    teachers = torch.stack([TEACHER, TEACHER * 0.5], dim=1)
+    expected = sum(
+        0.7 * hand_cross_entropy(heads[:, h], LABELS) + 0.3 * hand_soft(heads[:, h], teachers[:, h], 2.0)
+        for h in range(2)
+    )
+    got = multi_head_loss(heads, teachers, LABELS, temperature=2.0, alpha=0.3)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_head_loss_without_labels_is_soft_only() -> None:
+    heads = torch.stack([STUDENT, STUDENT.flip(-1)], dim=1)
+    teachers = torch.stack([TEACHER, TEACHER * 0.5], dim=1)
+    expected = hand_soft(heads[:, 0], teachers[:, 0], 3.0) + hand_soft(heads[:, 1], teachers[:, 1], 3.0)
+    got = multi_head_loss(heads, teachers, None, temperature=3.0, alpha=0.3)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_head_loss_refuses_mismatched_heads() -> None:
+    heads = torch.stack([STUDENT, STUDENT], dim=1)
+    with pytest.raises(ValueError, match=r"\[B, H, 2\]"):
+        multi_head_loss(heads, TEACHER.unsqueeze(1), LABELS, temperature=1.0, alpha=0.5)
