@@ -1,0 +1,47 @@
+"""How a pipeline talks to its caller: progress reports, milestone events and cancellation."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Progress:
+    """Where a stage stands.
+
+    `stage` is 'prepare' | 'teacher:<name>' | 'soft_labels' | 'stage1:<variant>[/member-<i>]'
+    | 'stage2:<variant>[/member-<i>]' | 'evaluate' | 'export'; `fraction` is the whole pipeline's progress.
+    """
+
+    stage: str
+    step: int
+    total: int
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    fraction: float = 0.0
+
+
+class Cancelled(Exception):
+    """The caller asked to stop; the last checkpoint was saved, so a rerun continues from it."""
+
+
+@dataclass
+class Hooks:
+    """Callbacks of one pipeline run; each is optional."""
+
+    on_progress: Callable[[Progress], None] | None = None
+    on_event: Callable[[str, str], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+    def progress(self, progress: Progress) -> None:
+        """Report progress to the caller, if it listens."""
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+    def event(self, stage: str, message: str) -> None:
+        """Report a human-readable milestone, if the caller listens."""
+        if self.on_event is not None:
+            self.on_event(stage, message)
+
+    def cancel_requested(self) -> bool:
+        """Whether the caller wants the run to stop now."""
+        return self.should_cancel is not None and bool(self.should_cancel())

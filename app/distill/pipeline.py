@@ -1,0 +1,495 @@
+"""run_pipeline: teachers -> soft labels -> stage 1 -> stage 2 -> evaluate -> export, as one plain call.
+
+Every stage finds its finished artifact and moves on, so a rerun with the same out_dir continues where an
+interrupted one stopped (training resumes from its last checkpoint) and a finished run is not redone.
+
+out_dir/
+    spec.json                       the spec (and data hashes) the folder belongs to
+    teachers/<name>/                fine-tuned teachers (Hugging Face folders)
+    checkpoints/<stage>/...         training checkpoints, e.g. checkpoints/stage1/tmkd/member-0
+    students/<variant>/             one student ensemble per variant (see app.distill.export)
+    report.json                     the metrics table
+"""
+
+import functools
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from app.distill.data import Pair, encode_pairs, file_sha256, iter_batches, read_pairs
+from app.distill.devices import Device, resolve_device
+from app.distill.export import StudentEnsemble, json_safe, save_ensemble
+from app.distill.hooks import Hooks, Progress
+from app.distill.losses import multi_head_loss
+from app.distill.metrics import ranking_metrics
+from app.distill.pretrained import resolve_model
+from app.distill.soft_labels import count_batches, teacher_soft_labels
+from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec
+from app.distill.students import MultiHeadStudent, build_student, count_parameters
+from app.distill.teachers import load_teacher, prepare_teacher
+from app.distill.train import TrainConfig, count_steps, train
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("map", "mrr", "p_at_1", "accuracy", "roc_auc")
+TIMING_CANDIDATES = 10
+TIMING_REPEATS = 5
+EVAL_BATCH = 64
+
+
+@dataclass
+class PipelineResult:
+    """Where a run's artifacts are and its report."""
+
+    out_dir: Path
+    model_dir: Path
+    variant_dirs: dict[str, Path]
+    teacher_dirs: dict[str, Path]
+    metrics: dict
+
+
+@dataclass
+class _Data:
+    """The run's pairs and their content hashes; unlabeled is empty when no variant has stage 1."""
+
+    train: list[Pair]
+    eval: list[Pair]
+    unlabeled: list[Pair]
+    sha256: dict[str, str]
+
+
+def run_pipeline(
+    spec: PipelineSpec, *, out_dir: Path, cache_dir: Path | None = None, hooks: Hooks | None = None
+) -> PipelineResult:
+    """Run the whole distillation of `spec` (data paths are files) into out_dir; resumable and idempotent.
+
+    Soft labels are cached under cache_dir (default out_dir/cache) and shared by later runs.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    soft_cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    device = resolve_device(spec.device)
+    caller = hooks or Hooks()
+
+    caller.progress(Progress("prepare", 0, 1))
+    data = _read_data(spec)
+    _claim_out_dir(out_dir, spec, data)
+    hooks = _pipeline_hooks(caller, _stage_weights(spec, data))
+    hooks.event(
+        "prepare",
+        f"{len(data.train)} labelled, {len(data.eval)} eval, {len(data.unlabeled)} unlabelled pairs; "
+        f"device {device.torch_device}",
+    )
+    hooks.progress(Progress("prepare", 1, 1))
+
+    teacher_dirs = {
+        t.name: prepare_teacher(
+            t,
+            train_pairs=data.train,
+            out_dir=out_dir,
+            cache_dir=cache_dir,
+            device=device,
+            hooks=hooks,
+            checkpoint_every=spec.checkpoint_every,
+        )
+        for t in spec.teachers
+    }
+    soft = _soft_labels(spec, data, teacher_dirs, cache_dir=soft_cache, device=device, hooks=hooks)
+
+    source_dir = _student_source(spec, teacher_dirs, cache_dir)
+    tokenizer_dir = source_dir or teacher_dirs[spec.teachers[0].name]
+    students = {
+        v: _train_variant(spec, v, data, soft, source_dir, tokenizer_dir, out_dir, device, hooks) for v in spec.variants
+    }
+    tokenizer = next(iter(students.values()))[1]
+    members = {v: m for v, (m, _) in students.items()}
+
+    report = _evaluate(spec, data, soft, teacher_dirs, members, tokenizer, device, hooks)
+    variant_dirs = _export(spec, members, tokenizer, report, out_dir, hooks)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    hooks.event("export", f"report written to {out_dir / 'report.json'}")
+    return PipelineResult(
+        out_dir=out_dir,
+        model_dir=variant_dirs[spec.primary_variant],
+        variant_dirs=variant_dirs,
+        teacher_dirs=teacher_dirs,
+        metrics=report,
+    )
+
+
+def member_stage(stage: str, variant: str, member: int, ensemble_size: int) -> str:
+    """A student stage's name: 'stage1:tmkd', or 'stage1:tmkd/member-2' in an ensemble of several."""
+    return f"{stage}:{variant}" if ensemble_size == 1 else f"{stage}:{variant}/member-{member}"
+
+
+def distillation_loss(model: nn.Module, batch: dict[str, Tensor], *, temperature: float, alpha: float) -> Tensor:
+    """Multi-head KD loss of a student batch: soft labels per head, plus hard labels if the batch has them."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "teacher_logits")}
+    return multi_head_loss(
+        model(**inputs).float(),
+        batch["teacher_logits"],
+        batch.get("labels"),
+        temperature=temperature,
+        alpha=alpha,
+    )
+
+
+def _read_data(spec: PipelineSpec) -> _Data:
+    needs_unlabeled = any(v in VARIANTS_WITH_STAGE1 for v in spec.variants)
+    files = {"train": spec.data.train, "eval": spec.data.eval}
+    if needs_unlabeled and spec.data.unlabeled:
+        files["unlabeled"] = spec.data.unlabeled
+    return _Data(
+        train=read_pairs(files["train"], labelled=True).pairs,
+        eval=read_pairs(files["eval"], labelled=True).pairs,
+        unlabeled=read_pairs(files["unlabeled"], labelled=False).pairs if "unlabeled" in files else [],
+        sha256={name: file_sha256(path) for name, path in files.items()},
+    )
+
+
+def _claim_out_dir(out_dir: Path, spec: PipelineSpec, data: _Data) -> None:
+    """Record which spec and data out_dir belongs to; a different one there would resume the wrong run."""
+    identity = {"spec": spec.model_dump(mode="json", exclude={"data"}), "data_sha256": data.sha256}
+    marker = out_dir / "spec.json"
+    if marker.is_file():
+        if json.loads(marker.read_text()) != identity:
+            raise ValueError(
+                f"out_dir: {out_dir} holds a run of a different spec or data; use a new folder to start over"
+            )
+        return
+    marker.write_text(json.dumps(identity, indent=2))
+
+
+def _stage_weights(spec: PipelineSpec, data: _Data) -> dict[str, float]:
+    """Rough work per stage, in optimiser steps or inference batches, to turn progress into a fraction."""
+    weights: dict[str, float] = {"prepare": 1.0}
+    for t in spec.teachers:
+        weights[f"teacher:{t.name}"] = (
+            0.0 if t.path else count_steps(len(data.train), t.batch_size, t.epochs, t.max_steps)
+        )
+    pairs = len(data.train) + len(data.eval) + len(data.unlabeled)
+    weights["soft_labels"] = len(spec.teachers) * count_batches(pairs)
+    for variant in spec.variants:
+        for i in range(spec.ensemble_size):
+            if variant in VARIANTS_WITH_STAGE1:
+                weights[member_stage("stage1", variant, i, spec.ensemble_size)] = _stage_steps(
+                    spec.stage1, len(data.unlabeled)
+                )
+            weights[member_stage("stage2", variant, i, spec.ensemble_size)] = _stage_steps(spec.stage2, len(data.train))
+    weights["evaluate"] = len(spec.variants) * spec.ensemble_size * count_batches(len(data.eval)) + 1
+    weights["export"] = 1.0
+    return weights
+
+
+def _stage_steps(stage: StageSpec, num_pairs: int) -> int:
+    return count_steps(num_pairs, stage.batch_size, stage.epochs, stage.max_steps)
+
+
+def _pipeline_hooks(hooks: Hooks, weights: dict[str, float]) -> Hooks:
+    """The caller's hooks, with progress carrying the pipeline's fraction done and events also logged."""
+    total = sum(weights.values()) or 1.0
+    starts, cumulative = {}, 0.0
+    for stage, weight in weights.items():
+        starts[stage] = cumulative
+        cumulative += weight
+
+    def on_progress(progress: Progress) -> None:
+        done = starts.get(progress.stage, 0.0) + weights.get(progress.stage, 0.0) * (
+            progress.step / max(1, progress.total)
+        )
+        progress.fraction = min(1.0, done / total)
+        hooks.progress(progress)
+
+    def on_event(stage: str, message: str) -> None:
+        log.info("[%s] %s", stage, message)
+        hooks.event(stage, message)
+
+    return Hooks(on_progress=on_progress, on_event=on_event, should_cancel=hooks.should_cancel)
+
+
+def _soft_labels(
+    spec: PipelineSpec,
+    data: _Data,
+    teacher_dirs: dict[str, Path],
+    *,
+    cache_dir: Path,
+    device: Device,
+    hooks: Hooks,
+) -> dict[str, dict[str, Tensor]]:
+    """Logits [N, 2] per teacher and data set ('train', 'eval', 'unlabeled') that some stage needs."""
+    stage1_teachers = {t.name for v in spec.variants if v in VARIANTS_WITH_STAGE1 for t in spec.teachers_for(v)}
+    stage2_teachers = {t.name for v in spec.variants for t in spec.teachers_for(v)}
+    wanted: dict[str, dict[str, tuple[Sequence[Pair], str]]] = {}
+    for t in spec.teachers:
+        sets = {"eval": (data.eval, data.sha256["eval"])}
+        if t.name in stage2_teachers:
+            sets["train"] = (data.train, data.sha256["train"])
+        if t.name in stage1_teachers:
+            sets["unlabeled"] = (data.unlabeled, data.sha256["unlabeled"])
+        wanted[t.name] = sets
+    total = sum(count_batches(len(pairs)) for sets in wanted.values() for pairs, _ in sets.values())
+    done = 0
+
+    def on_batch() -> None:
+        nonlocal done
+        done += 1
+        if done % 10 == 0:
+            hooks.progress(Progress("soft_labels", done, total))
+
+    hooks.progress(Progress("soft_labels", 0, total))
+    found = {
+        t.name: teacher_soft_labels(
+            teacher_dirs[t.name],
+            wanted[t.name],
+            max_length=t.max_length,
+            cache_dir=cache_dir,
+            device=device,
+            hooks=hooks,
+            on_batch=on_batch,
+        )
+        for t in spec.teachers
+    }
+    hooks.progress(Progress("soft_labels", total, total))
+    return found
+
+
+def _student_source(spec: PipelineSpec, teacher_dirs: dict[str, Path], cache_dir: Path | None) -> Path | None:
+    """student.init_from as a folder: a teacher's folder when it names a teacher, None from scratch."""
+    init_from = spec.student.init_from
+    if init_from is None:
+        return None
+    if init_from in teacher_dirs:
+        return teacher_dirs[init_from]
+    return resolve_model(init_from, cache_dir=cache_dir)
+
+
+def _train_variant(
+    spec: PipelineSpec,
+    variant: str,
+    data: _Data,
+    soft: dict[str, dict[str, Tensor]],
+    source_dir: Path | None,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    device: Device,
+    hooks: Hooks,
+) -> tuple[list[MultiHeadStudent], Any]:
+    """The variant's students (M-on-M: ensemble_size of them, seeds seed+i), each through its stages."""
+    heads = [t.name for t in spec.teachers_for(variant)]
+    loss_fn = functools.partial(distillation_loss, temperature=spec.distill.temperature, alpha=spec.distill.alpha)
+    stages: list[tuple[str, StageSpec, list[Pair], dict[str, Tensor]]] = []
+    if variant in VARIANTS_WITH_STAGE1:
+        stage1_targets = {"teacher_logits": torch.stack([soft[h]["unlabeled"] for h in heads], dim=1)}
+        stages.append(("stage1", spec.stage1, data.unlabeled, stage1_targets))
+    stage2_targets = {
+        "teacher_logits": torch.stack([soft[h]["train"] for h in heads], dim=1),
+        "labels": torch.tensor([p.label for p in data.train], dtype=torch.long),
+    }
+    stages.append(("stage2", spec.stage2, data.train, stage2_targets))
+
+    members, tokenizer, encoded = [], None, {}
+    for i in range(spec.ensemble_size):
+        seed = spec.seed + i
+        student, tokenizer = build_student(
+            spec.student, heads, source_dir=source_dir, tokenizer_dir=tokenizer_dir, seed=seed
+        )
+        for name, stage_spec, pairs, targets in stages:
+            if name not in encoded:
+                encoded[name] = encode_pairs(pairs, tokenizer, spec.student.max_length)
+            stage = member_stage(name, variant, i, spec.ensemble_size)
+            train(
+                student,
+                stage=stage,
+                encodings=encoded[name],
+                targets=targets,
+                loss_fn=loss_fn,
+                config=TrainConfig(
+                    learning_rate=stage_spec.learning_rate,
+                    batch_size=stage_spec.batch_size,
+                    epochs=stage_spec.epochs,
+                    seed=seed,
+                    weight_decay=stage_spec.weight_decay,
+                    warmup_ratio=stage_spec.warmup_ratio,
+                    max_steps=stage_spec.max_steps,
+                    checkpoint_every=spec.checkpoint_every,
+                ),
+                checkpoint_dir=out_dir / "checkpoints" / Path(*stage.replace(":", "/").split("/")),
+                device=device,
+                hooks=hooks,
+            )
+        members.append(student)
+    return members, tokenizer
+
+
+def _evaluate(
+    spec: PipelineSpec,
+    data: _Data,
+    soft: dict[str, dict[str, Tensor]],
+    teacher_dirs: dict[str, Path],
+    members: dict[str, list[MultiHeadStudent]],
+    tokenizer: Any,
+    device: Device,
+    hooks: Hooks,
+) -> dict:
+    """The report: quality on data.eval, parameters and CPU latency of every teacher and student."""
+    qids = [p.qid for p in data.eval]
+    labels = [p.label for p in data.eval]
+    questions, passages = _timing_sample(data.eval)
+    cpu = resolve_device("cpu")
+    rows: list[dict[str, Any]] = []
+    steps, done = len(spec.teachers) + len(spec.variants), 0
+    hooks.progress(Progress("evaluate", 0, steps))
+
+    def add_row(model: str, scores: Sequence[float], params: int, cpu_ms: float) -> None:
+        quality = ranking_metrics(qids, scores, labels)
+        rows.append(
+            {"model": model}
+            | {k: quality[k] for k in METRIC_KEYS}
+            | {"params": params, "cpu_ms_per_question": round(cpu_ms, 3)}
+        )
+        hooks.event("evaluate", f"{model}: MAP {quality['map']:.4f}, MRR {quality['mrr']:.4f}")
+
+    teacher_probs, teacher_params, teacher_ms = [], 0, 0.0
+    for t in spec.teachers:
+        probs = torch.softmax(soft[t.name]["eval"], dim=-1)[:, 1]
+        model, teacher_tokenizer = load_teacher(teacher_dirs[t.name], cpu)
+        params = count_parameters(model)
+        cpu_ms = _cpu_ms(
+            functools.partial(_score_with_teacher, model, teacher_tokenizer, t.max_length, questions, passages)
+        )
+        add_row(f"teacher:{t.name}", probs.tolist(), params, cpu_ms)
+        teacher_probs.append(probs)
+        teacher_params += params
+        teacher_ms += cpu_ms  # the teachers run one after the other
+        done += 1
+        hooks.progress(Progress("evaluate", done, steps))
+    if len(spec.teachers) > 1:
+        add_row("teacher-ensemble", torch.stack(teacher_probs).mean(0).tolist(), teacher_params, teacher_ms)
+
+    encodings = encode_pairs(data.eval, tokenizer, spec.student.max_length)
+    batches = iter_batches(encodings, batch_size=EVAL_BATCH, shuffle=False, seed=0)
+    for variant, students in members.items():
+        heads, max_length = students[0].head_names, spec.student.max_length
+        ensemble = StudentEnsemble(
+            students, tokenizer, max_length=max_length, heads=heads, manifest={}, device=str(device.torch_device)
+        )
+        member_scores = torch.empty(len(data.eval), len(students))
+        for indices in batches:
+            with device.autocast():
+                scores = ensemble.score_batch(encodings.collate(indices)).member_scores
+            member_scores[torch.tensor(indices)] = torch.from_numpy(scores).float()
+        params = [count_parameters(s) for s in students]
+        on_cpu = StudentEnsemble(students, tokenizer, max_length=max_length, heads=heads, manifest={})
+        add_row(variant, member_scores.mean(1).tolist(), sum(params), _cpu_ms_of_ensemble(on_cpu, questions, passages))
+        if len(students) > 1:
+            for i, student in enumerate(students):
+                alone = StudentEnsemble([student], tokenizer, max_length=max_length, heads=heads, manifest={})
+                cpu_ms = _cpu_ms_of_ensemble(alone, questions, passages)
+                add_row(f"{variant}/member-{i}", member_scores[:, i].tolist(), params[i], cpu_ms)
+        done += 1
+        hooks.progress(Progress("evaluate", done, steps))
+    return json_safe(
+        {
+            "rows": rows,
+            "primary": spec.primary_variant,
+            "eval": {"pairs": len(data.eval), "questions": len(set(qids))},
+        }
+    )
+
+
+def _export(
+    spec: PipelineSpec,
+    members: dict[str, list[MultiHeadStudent]],
+    tokenizer: Any,
+    report: dict,
+    out_dir: Path,
+    hooks: Hooks,
+) -> dict[str, Path]:
+    """Save every variant's ensemble under out_dir/students/<variant>, with its report row as metrics."""
+    rows = {row["model"]: row for row in report["rows"]}
+    variant_dirs = {}
+    for i, (variant, students) in enumerate(members.items()):
+        hooks.progress(Progress("export", i, len(members)))
+        variant_dirs[variant] = save_ensemble(
+            students,
+            tokenizer,
+            out_dir / "students" / variant,
+            variant=variant,
+            heads=students[0].head_names,
+            spec=spec,
+            metrics=rows[variant],
+        )
+        hooks.event("export", f"{variant}: ensemble of {len(students)} saved to {variant_dirs[variant]}")
+    hooks.progress(Progress("export", len(members), len(members)))
+    return variant_dirs
+
+
+def _timing_sample(pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
+    """One question with TIMING_CANDIDATES candidate passages (the first eval question, passages cycled)."""
+    question = pairs[0].question
+    passages = [pairs[i % len(pairs)].passage for i in range(TIMING_CANDIDATES)]
+    return [question] * TIMING_CANDIDATES, passages
+
+
+def _cpu_ms(score: Callable[[], object]) -> float:
+    """Median wall milliseconds of one call of `score` after a warm-up call."""
+    score()
+    times = []
+    for _ in range(TIMING_REPEATS):
+        start = time.perf_counter()
+        score()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _cpu_ms_of_ensemble(ensemble: StudentEnsemble, questions: list[str], passages: list[str]) -> float:
+    return _cpu_ms(functools.partial(ensemble.score_pairs, questions, passages))
+
+
+def _score_with_teacher(
+    model: nn.Module, tokenizer: Any, max_length: int, questions: list[str], passages: list[str]
+) -> Tensor:
+    batch = tokenizer(
+        questions,
+        passages,
+        truncation="longest_first",
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        return model(**batch).logits
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table, one row per model (the paper's ablation table)."""
+    columns = [
+        ("model", "model", "{}"),
+        ("map", "MAP", "{:.4f}"),
+        ("mrr", "MRR", "{:.4f}"),
+        ("p_at_1", "P@1", "{:.4f}"),
+        ("accuracy", "acc", "{:.4f}"),
+        ("roc_auc", "AUC", "{:.4f}"),
+        ("params", "params", "{:,}"),
+        ("cpu_ms_per_question", "CPU ms/q", "{:.1f}"),
+    ]
+    cells = [[title for _, title, _ in columns]]
+    for row in report["rows"]:
+        cells.append(["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    evaluated = report["eval"]
+    lines.append(f"{evaluated['questions']} questions, {evaluated['pairs']} pairs; primary: {report['primary']}")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Soft labels: each teacher's logits on every pair, computed once and cached.
+
+Cache layout: cache_dir/soft-labels/<teacher fingerprint>/<data sha256>-len<max_length>.safetensors, holding
+`logits` [N, 2] float32. The fingerprint hashes the teacher's weights and the data hash the file's bytes, so
+stages, variants and later runs on the same teacher and data reuse one file.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from app.distill.data import EncodedPairs, Pair, encode_pairs, iter_batches
+from app.distill.devices import Device
+from app.distill.hooks import Cancelled, Hooks
+from app.distill.teachers import load_teacher, teacher_fingerprint
+
+log = logging.getLogger(__name__)
+
+INFERENCE_BATCH = 64
+
+
+def soft_labels_path(cache_dir: Path, fingerprint: str, data_sha256: str, max_length: int) -> Path:
+    """Where a teacher's logits on one data set are cached."""
+    return cache_dir / "soft-labels" / fingerprint / f"{data_sha256}-len{max_length}.safetensors"
+
+
+def teacher_soft_labels(
+    teacher_dir: Path,
+    datasets: dict[str, tuple[Sequence[Pair], str]],
+    *,
+    max_length: int,
+    cache_dir: Path,
+    device: Device,
+    hooks: Hooks,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, Tensor]:
+    """One teacher's logits [N, 2] on each named data set (pairs, data sha256), from the cache or computed.
+
+    The teacher is loaded only when some data set is not cached yet; on_batch is called per computed batch.
+    """
+    fingerprint = teacher_fingerprint(teacher_dir)
+    stage = "soft_labels"
+    found: dict[str, Tensor] = {}
+    model = tokenizer = None
+    for name, (pairs, data_sha) in datasets.items():
+        path = soft_labels_path(cache_dir, fingerprint, data_sha, max_length)
+        cached = _read_cached(path, len(pairs))
+        if cached is not None:
+            hooks.event(stage, f"{teacher_dir.name} on {name}: reused cached soft labels {path}")
+            found[name] = cached
+            continue
+        if model is None:
+            model, tokenizer = load_teacher(teacher_dir, device)
+        encodings = encode_pairs(pairs, tokenizer, max_length)
+        logits = predict_logits(model, encodings, device=device, hooks=hooks, on_batch=on_batch)
+        _write_atomically(path, logits, teacher=fingerprint, data=data_sha, max_length=max_length)
+        hooks.event(stage, f"{teacher_dir.name} on {name}: computed {len(pairs)} soft labels into {path}")
+        found[name] = logits
+    return found
+
+
+def predict_logits(
+    model: PreTrainedModel,
+    encodings: EncodedPairs,
+    *,
+    device: Device,
+    hooks: Hooks,
+    on_batch: Callable[[], None] | None = None,
+) -> Tensor:
+    """A sequence classifier's 2-class logits [N, 2] (float32, CPU) on every encoded pair, in order.
+
+    A 1-logit classifier (a relevance score) becomes [0, score], whose softmax is sigmoid(score).
+    """
+    out = torch.empty(len(encodings), 2)
+    batches = iter_batches(encodings, batch_size=INFERENCE_BATCH, shuffle=False, seed=0)
+    model.eval()
+    with torch.inference_mode():
+        for indices in batches:
+            if hooks.cancel_requested():
+                raise Cancelled("soft_labels: cancelled")
+            with device.autocast():
+                logits = model(**device.move(encodings.collate(indices))).logits.float().cpu()
+            if logits.shape[-1] == 1:
+                logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)
+            out[torch.tensor(indices)] = logits
+            if on_batch is not None:
+                on_batch()
+    return out
+
+
+def count_batches(num_pairs: int) -> int:
+    """Inference batches needed for `num_pairs` pairs."""
+    return -(-num_pairs // INFERENCE_BATCH)
+
+
+def _read_cached(path: Path, num_pairs: int) -> Tensor | None:
+    if not path.is_file():
+        return None
+    logits = load_file(path)["logits"]
+    if logits.shape != (num_pairs, 2):
+        log.warning("ignoring %s: shape %s, expected (%d, 2)", path, tuple(logits.shape), num_pairs)
+        return None
+    return logits
+
+
+def _write_atomically(path: Path, logits: Tensor, *, teacher: str, data: str, max_length: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    metadata = {"teacher": teacher, "data": data, "max_length": str(max_length)}
+    save_file({"logits": logits.contiguous()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

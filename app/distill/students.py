@@ -1,0 +1,179 @@
+"""Student models: one shared encoder with one 2-class output head per teacher (TMKD's multi-head student).
+
+Two encoders: a compact transformer (an `AutoModel`, so its folder opens with `transformers.AutoModel`),
+initialised from chosen layers of a bigger model or from scratch, pooled by its first ([CLS]) token;
+and the TMKD paper's BiLSTM, pooled by a max over the non-padding time steps.
+"""
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from app.distill.spec import StudentSpec
+
+log = logging.getLogger(__name__)
+
+HEAD_DROPOUT = 0.1
+_LAYER_KEY = re.compile(r"(^|\.)layer\.(\d+)\.")
+
+
+class BiLSTMEncoder(nn.Module):
+    """Token embeddings, a bidirectional LSTM, and a max over time of the states at real tokens."""
+
+    def __init__(self, *, vocab_size: int, embedding_dim: int, lstm_hidden: int, pad_token_id: int) -> None:
+        super().__init__()
+        self.config = {
+            "vocab_size": vocab_size,
+            "embedding_dim": embedding_dim,
+            "lstm_hidden": lstm_hidden,
+            "pad_token_id": pad_token_id,
+        }
+        self.embeddings = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_token_id)
+        self.lstm = nn.LSTM(embedding_dim, lstm_hidden, batch_first=True, bidirectional=True)
+
+    @property
+    def output_size(self) -> int:
+        """Width of the pooled vector: both directions."""
+        return 2 * self.config["lstm_hidden"]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] token ids -> [B, 2 * lstm_hidden] pooled states."""
+        # Packed, so the backward direction starts at each pair's last real token, not in the padding.
+        lengths = attention_mask.sum(dim=1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(self.embeddings(input_ids), lengths, batch_first=True, enforce_sorted=False)
+        states, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=input_ids.shape[1])
+        # Padding must never win the max, whatever sign the real states have.
+        states = states.masked_fill(attention_mask.unsqueeze(-1) == 0, torch.finfo(states.dtype).min)
+        return states.max(dim=1).values
+
+
+class MultiHeadStudent(nn.Module):
+    """A shared encoder and one Linear(hidden, 2) head per teacher; forward(**batch) -> logits [B, H, 2]."""
+
+    def __init__(self, encoder: nn.Module, *, kind: str, hidden_size: int, heads: Sequence[str]) -> None:
+        super().__init__()
+        if kind not in ("transformer", "bilstm"):
+            raise ValueError(f"student.kind: expected 'transformer' or 'bilstm', got {kind!r}")
+        self.kind = kind
+        self.head_names = list(heads)
+        self.encoder = encoder
+        self.dropout = nn.Dropout(HEAD_DROPOUT)
+        self.heads = nn.ModuleList(nn.Linear(hidden_size, 2) for _ in self.head_names)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """The pooled pair vector [B, hidden]: first-token state (transformer) or max-pool (BiLSTM)."""
+        if self.kind == "bilstm":
+            return self.encoder(input_ids, attention_mask)
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state[:, 0]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Logits of every head: [B, H, 2]."""
+        pooled = self.dropout(self.encode(input_ids, attention_mask, token_type_ids))
+        return torch.stack([head(pooled) for head in self.heads], dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_layers(source_layers: int, keep: int) -> list[int]:
+    """`keep` layers spread evenly over the source's, starting at the first: 6 -> 3 gives [0, 2, 4]."""
+    keep = min(keep, source_layers)
+    return [i * source_layers // keep for i in range(keep)]
+
+
+def build_transformer_encoder(
+    spec: StudentSpec, *, source_dir: Path | None, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    """An `AutoModel` encoder: chosen layers of `source_dir` (embeddings copied too), or a fresh BERT."""
+    if source_dir is None:
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_attention_heads,
+            intermediate_size=spec.intermediate_size,
+            max_position_embeddings=max(512, spec.max_length),
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        return _from_config(config)
+    source = _load_encoder(source_dir)
+    total = source.config.num_hidden_layers
+    layers = list(spec.layers) if spec.layers is not None else default_layers(total, spec.num_layers)
+    bad = [i for i in layers if i >= total]
+    if bad:
+        raise ValueError(f"student.layers: {source_dir.name} has layers 0..{total - 1}, not {bad}")
+    config = AutoConfig.from_pretrained(source_dir)
+    config.num_hidden_layers = len(layers)
+    student = _from_config(config)
+    student.load_state_dict(select_layers(source.state_dict(), layers))
+    log.info("student encoder: layers %s of %s (%d layers)", layers, source_dir, total)
+    return student
+
+
+def select_layers(state: dict[str, Tensor], layers: Sequence[int]) -> dict[str, Tensor]:
+    """Keep the listed encoder layers of a state dict, renumbered 0..n-1; other tensors (embeddings) as is."""
+    renumber = {str(src): str(dst) for dst, src in enumerate(layers)}
+    kept = {}
+    for key, tensor in state.items():
+        match = _LAYER_KEY.search(key)
+        if match is None:
+            kept[key] = tensor.clone()
+        elif match.group(2) in renumber:
+            new_key = key[: match.start(2)] + renumber[match.group(2)] + key[match.end(2) :]
+            kept[new_key] = tensor.clone()
+    return kept
+
+
+def build_student(
+    spec: StudentSpec,
+    heads: Sequence[str],
+    *,
+    source_dir: Path | None,
+    tokenizer_dir: Path,
+    seed: int,
+) -> tuple[MultiHeadStudent, PreTrainedTokenizerBase]:
+    """A new student and its tokenizer; `seed` fixes the random parts (heads, fresh weights).
+
+    `source_dir` is `spec.init_from` resolved to a folder (None: from scratch); the tokenizer comes from
+    `tokenizer_dir` (the source, or the first teacher when training from scratch).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    if spec.kind == "transformer":
+        encoder = build_transformer_encoder(spec, source_dir=source_dir, tokenizer=tokenizer)
+        hidden = encoder.config.hidden_size
+    else:
+        encoder = BiLSTMEncoder(
+            vocab_size=len(tokenizer),
+            embedding_dim=spec.embedding_dim,
+            lstm_hidden=spec.lstm_hidden,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        hidden = encoder.output_size
+    return MultiHeadStudent(encoder, kind=spec.kind, hidden_size=hidden, heads=heads), tokenizer
+
+
+def _from_config(config: AutoConfig) -> PreTrainedModel:
+    """A fresh `AutoModel` without the BERT-style pooler, which the student does not use."""
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        return AutoModel.from_config(config)
+
+
+def _load_encoder(folder: Path) -> PreTrainedModel:
+    """The encoder weights of a model folder (a classifier's head and pooler are left out)."""
+    try:
+        return AutoModel.from_pretrained(folder, add_pooling_layer=False, use_safetensors=True, dtype=torch.float32)
+    except TypeError:
+        return AutoModel.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)

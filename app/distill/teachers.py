@@ -1,0 +1,125 @@
+"""Teachers: cross-encoders (`AutoModelForSequenceClassification`, 2 labels) fine-tuned on the labelled pairs,
+or ready-made folders given by the user. A trained teacher is saved as a Hugging Face folder (safetensors
+weights and tokenizer) under out_dir/teachers/<name>.
+"""
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from app.distill.data import Pair, encode_pairs
+from app.distill.devices import Device
+from app.distill.hooks import Hooks, Progress
+from app.distill.losses import hard_loss
+from app.distill.pretrained import resolve_model
+from app.distill.spec import TeacherSpec
+from app.distill.train import TrainConfig, train
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def prepare_teacher(
+    spec: TeacherSpec,
+    *,
+    train_pairs: Sequence[Pair],
+    out_dir: Path,
+    cache_dir: Path | None,
+    device: Device,
+    hooks: Hooks,
+    checkpoint_every: int,
+) -> Path:
+    """The teacher's model folder: `spec.path` when ready-made, else fine-tuned into out_dir/teachers/<name>.
+
+    A teacher already saved there by an earlier run is reused; an interrupted training resumes.
+    """
+    stage = f"teacher:{spec.name}"
+    if spec.path is not None:
+        folder = resolve_model(spec.path, cache_dir=cache_dir)
+        hooks.event(stage, f"ready-made teacher at {folder}")
+        hooks.progress(Progress(stage, 1, 1))
+        return folder
+    folder = out_dir / "teachers" / spec.name
+    if (folder / "config.json").is_file():
+        hooks.event(stage, f"already trained: {folder}")
+        hooks.progress(Progress(stage, 1, 1))
+        return folder
+
+    base = resolve_model(spec.base, cache_dir=cache_dir)
+    hooks.event(stage, f"fine-tuning {spec.base} on {len(train_pairs)} labelled pairs")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(spec.seed)  # the new classifier head's initialisation
+    # float32 master weights whatever the checkpoint holds: AdamW on half-precision weights loses updates.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=2, use_safetensors=True, dtype=torch.float32
+    )
+    encodings = encode_pairs(train_pairs, tokenizer, spec.max_length)
+    labels = torch.tensor([p.label for p in train_pairs], dtype=torch.long)
+    config = TrainConfig(
+        learning_rate=spec.learning_rate,
+        batch_size=spec.batch_size,
+        epochs=spec.epochs,
+        seed=spec.seed,
+        max_steps=spec.max_steps,
+        checkpoint_every=checkpoint_every,
+    )
+    checkpoint_dir = out_dir / "checkpoints" / "teacher" / spec.name
+    train(
+        model,
+        stage=stage,
+        encodings=encodings,
+        targets={"labels": labels},
+        loss_fn=classification_loss,
+        config=config,
+        checkpoint_dir=checkpoint_dir,
+        device=device,
+        hooks=hooks,
+    )
+    save_teacher(model, tokenizer, folder)
+    # The saved folder is the artifact now; its checkpoints (weights and optimiser state, ~3x the model) go.
+    shutil.rmtree(checkpoint_dir)
+    hooks.event(stage, f"saved to {folder}")
+    return folder
+
+
+def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy of a sequence classifier against the batch's hard labels."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return hard_loss(model(**inputs).logits.float(), batch["labels"])
+
+
+def save_teacher(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write the teacher as a Hugging Face folder (safetensors), replacing any earlier one atomically."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def load_teacher(folder: Path, device: Device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A teacher ready for inference on `device`, and its tokenizer."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+    model.to(device.torch_device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def teacher_fingerprint(folder: Path) -> str:
+    """SHA-256 over the teacher's weight files and config: equal fingerprints give equal logits."""
+    digest = hashlib.sha256()
+    files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

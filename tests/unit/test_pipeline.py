@@ -1,0 +1,213 @@
+"""run_pipeline end to end on tiny models: variants, M-on-M, the soft-label cache, resuming, the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.distill import Cancelled, Hooks, Progress, load_ensemble, run_pipeline
+from app.distill.data import read_pairs
+from app.distill.devices import resolve_device
+from app.distill.soft_labels import teacher_soft_labels
+from tests.unit.helpers import make_tiny_base, tiny_data, tiny_spec
+
+
+class Recorder:
+    """Hooks that remember every progress report and event."""
+
+    def __init__(self) -> None:
+        self.progress: list[Progress] = []
+        self.events: list[tuple[str, str]] = []
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_progress=self.progress.append, on_event=lambda s, m: self.events.append((s, m)))
+
+    def messages(self, word: str) -> list[str]:
+        return [f"{s} {m}" for s, m in self.events if word in m]
+
+
+def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, shared_data: Path) -> None:
+    spec = tiny_spec(
+        tmp_path,
+        shared_data,
+        variants=["kd", "mkd", "tkd", "tmkd"],
+        ensemble_size=2,
+        student={"init_from": "teacher-a", "layers": [1]},
+    )
+    recorder = Recorder()
+    result = run_pipeline(spec, out_dir=tmp_path / "out", hooks=recorder.hooks())
+
+    eval_pairs = read_pairs(spec.data.eval).pairs
+    for variant, heads in {"kd": 1, "mkd": 2, "tkd": 1, "tmkd": 2}.items():
+        ensemble = load_ensemble(result.variant_dirs[variant])
+        scores = ensemble.score_pairs([p.question for p in eval_pairs], [p.passage for p in eval_pairs])
+        assert scores.head_scores.shape == (len(eval_pairs), 2, heads)
+        assert ((scores.scores >= 0) & (scores.scores <= 1)).all()
+        assert not np.allclose(scores.member_scores[:, 0], scores.member_scores[:, 1])  # seeds differ
+    assert result.model_dir == tmp_path / "out" / "students" / "tmkd"
+    for folder in result.teacher_dirs.values():
+        assert AutoModelForSequenceClassification.from_pretrained(folder).config.num_labels == 2
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report == result.metrics and report["primary"] == "tmkd"
+    models = [row["model"] for row in report["rows"]]
+    assert models[:3] == ["teacher:teacher-a", "teacher:teacher-b", "teacher-ensemble"]
+    assert {"kd", "kd/member-0", "kd/member-1", "tmkd", "tmkd/member-1"} <= set(models)
+    for row in report["rows"]:
+        assert 0 <= row["map"] <= 1 and row["params"] > 0 and row["cpu_ms_per_question"] > 0
+
+    stages = list(dict.fromkeys(p.stage for p in recorder.progress))
+    assert stages[:4] == ["prepare", "teacher:teacher-a", "teacher:teacher-b", "soft_labels"]
+    assert "stage1:tkd/member-1" in stages and "stage1:kd/member-0" not in stages
+    assert stages[-2:] == ["evaluate", "export"]
+    fractions = [p.fraction for p in recorder.progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path, shared_data: Path) -> None:
+    spec = tiny_spec(tmp_path, shared_data)
+    cache = tmp_path / "cache"
+    first = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache)
+    cached = {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")}
+    assert len(cached) == 6  # 2 teachers x train, eval, unlabeled
+
+    recorder = Recorder()
+    again = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache, hooks=recorder.hooks())
+
+    assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
+    assert len(recorder.messages("reused cached soft labels")) == 6
+    assert len(recorder.messages("already trained")) == 4  # 2 teachers, stage 1, stage 2
+    assert [r["map"] for r in again.metrics["rows"]] == [r["map"] for r in first.metrics["rows"]]
+
+    # A new run whose ready-made teacher is one trained above also finds its soft labels cached.
+    ready = {"name": "ready", "path": str(first.teacher_dirs["teacher-a"]), "max_length": 32}
+    recorder = Recorder()
+    run_pipeline(
+        tiny_spec(tmp_path, shared_data, variants=["kd"], teachers=[ready]),
+        out_dir=tmp_path / "other",
+        cache_dir=cache,
+        hooks=recorder.hooks(),
+    )
+    assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
+    assert len(recorder.messages("reused cached soft labels")) == 2  # eval, train
+
+
+def test_an_interrupted_pipeline_resumes_to_the_same_students(tmp_path: Path, shared_data: Path) -> None:
+    spec = tiny_spec(tmp_path, shared_data)
+    uninterrupted = run_pipeline(spec, out_dir=tmp_path / "a", cache_dir=tmp_path / "cache-a")
+
+    stage = {"name": "", "polls": 0}
+
+    def on_progress(progress: Progress) -> None:
+        if progress.stage != stage["name"]:
+            stage.update(name=progress.stage, polls=0)
+
+    def should_cancel() -> bool:
+        stage["polls"] += 1
+        return stage["name"] == "stage1:tmkd" and stage["polls"] == 3
+
+    with pytest.raises(Cancelled, match="stage1:tmkd: cancelled at step 2"):
+        run_pipeline(
+            spec,
+            out_dir=tmp_path / "b",
+            cache_dir=tmp_path / "cache-b",
+            hooks=Hooks(on_progress=on_progress, should_cancel=should_cancel),
+        )
+    recorder = Recorder()
+    resumed = run_pipeline(spec, out_dir=tmp_path / "b", cache_dir=tmp_path / "cache-b", hooks=recorder.hooks())
+
+    assert recorder.messages("resuming from the checkpoint at step 2")
+    for file in ("model.safetensors", "heads.safetensors"):
+        expected = load_file(uninterrupted.model_dir / "member-0" / file)
+        got = load_file(resumed.model_dir / "member-0" / file)
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_different_spec_cannot_reuse_an_out_dir(tmp_path: Path, shared_data: Path) -> None:
+    run_pipeline(tiny_spec(tmp_path, shared_data, variants=["kd"]), out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="out_dir: .* holds a run of a different spec"):
+        run_pipeline(tiny_spec(tmp_path, shared_data, variants=["mkd"]), out_dir=tmp_path / "out")
+
+
+def test_a_bilstm_student_runs_through_the_pipeline(tmp_path: Path, shared_data: Path) -> None:
+    spec = tiny_spec(
+        tmp_path,
+        shared_data,
+        variants=["tmkd"],
+        student={
+            "kind": "bilstm",
+            "init_from": "teacher-b",
+            "layers": None,
+            "embedding_dim": 16,
+            "lstm_hidden": 8,
+        },
+    )
+    result = run_pipeline(spec, out_dir=tmp_path / "out")
+
+    config = json.loads((result.model_dir / "member-0" / "student.json").read_text())
+    assert config["kind"] == "bilstm" and config["heads"] == ["teacher-a", "teacher-b"]
+    scores = load_ensemble(result.model_dir).score_pairs(["who wrote hamlet ?"], ["shakespeare wrote hamlet ."])
+    assert 0 <= scores.scores[0] <= 1
+
+
+def test_the_distill_command_prints_the_report(tmp_path: Path, shared_data: Path) -> None:
+    spec = tiny_spec(tmp_path, shared_data, variants=["kd"], teachers=tiny_spec(tmp_path, shared_data).teachers[:1])
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(cli, ["distill", str(spec_file), "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+
+    assert result.exit_code == 0, result.output
+    assert "teacher:teacher-a" in result.output and "MAP" in result.output
+    assert (out / "students" / "kd" / "manifest.json").is_file()
+
+
+def test_the_distill_command_names_the_invalid_field(tmp_path: Path, shared_data: Path) -> None:
+    fields = tiny_spec(tmp_path, shared_data).model_dump(mode="json")
+    fields["stage2"]["batch_size"] = 0
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(fields))
+
+    result = CliRunner().invoke(cli, ["distill", str(spec_file), "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 2
+    assert "stage2.batch_size: Input should be greater than or equal to 1" in result.output
+
+
+def test_a_one_logit_teacher_gives_two_class_soft_labels(tmp_path: Path, shared_data: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    folder = tmp_path / "scorer"
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    pairs = read_pairs(tiny_data(tmp_path, shared_data)["eval"]).pairs
+
+    logits = teacher_soft_labels(
+        folder,
+        {"eval": (pairs, "sha")},
+        max_length=32,
+        cache_dir=tmp_path / "cache",
+        device=resolve_device("cpu"),
+        hooks=Hooks(),
+    )["eval"]
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = AutoTokenizer.from_pretrained(folder)(
+        [p.question for p in pairs],
+        [p.passage for p in pairs],
+        truncation="only_second",
+        max_length=32,
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        scores = model(**batch).logits[:, 0]
+    assert logits.shape == (len(pairs), 2) and torch.equal(logits[:, 0], torch.zeros(len(pairs)))
+    torch.testing.assert_close(torch.softmax(logits, -1)[:, 1], torch.sigmoid(scores), atol=1e-5, rtol=1e-4)
