@@ -18,6 +18,14 @@ class Settings(BaseSettings):
     broker_url: str = ""
     artifacts_url: str = ""
     cache_dir: Path | None = Field(None, description="Soft-label and pretrained-model cache.")
+    work_dir: Path | None = Field(None, description="Workers' per-job folders (checkpoints to resume from).")
+    broker_key_prefix: str = Field("", description="Prefix of every broker key (Redis), to share one server.")
+
+    model_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Server folders a job spec may name as a teacher path or base, or a student init_from; "
+        "any other folder is refused, so one tenant cannot read the server's files.",
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -36,6 +44,7 @@ class Settings(BaseSettings):
     serve_max_queue: int = 512
     serve_cache_bytes: int = 2 * 1024**3
     serve_threads: int = 0
+    serve_device: str = Field("auto", description="'auto' (CUDA when visible), 'cpu' or 'cuda' (fp16).")
 
     @model_validator(mode="after")
     def fill_embedded_defaults(self) -> "Settings":
@@ -49,6 +58,7 @@ class Settings(BaseSettings):
         self.broker_url = self.broker_url or f"sqla+sqlite:///{home / 'broker.db'}"
         self.artifacts_url = self.artifacts_url or str(home / "artifacts")
         self.cache_dir = self.cache_dir or home / "cache"
+        self.work_dir = self.work_dir or home / "work"
         return self
 
 

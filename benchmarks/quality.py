@@ -36,11 +36,11 @@ TARGET_SPEEDUP = 10.0
 # Sizes per preset. Subsets keep whole questions, in file order, so MAP stays meaningful.
 PRESETS = {
     "cpu": {
-        "train_questions": 300,
-        "unlabeled_questions": 300,
+        "train_questions": 140,
+        "unlabeled_questions": 250,
         "max_length": 64,
         "teacher_epochs": 1.0,
-        "mpnet_max_steps": 80,
+        "mpnet_max_steps": 40,
         "student_layers": [0, 3],
         "stage1_epochs": 1.0,
         "stage2_epochs": 2.0,

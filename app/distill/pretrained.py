@@ -31,6 +31,11 @@ class ModelNotInstalledError(FileNotFoundError):
     """A known pretrained model whose PyPI packages are not installed."""
 
 
+def is_known_model(name: str) -> bool:
+    """Whether `name` is one of the pretrained models shipped on PyPI (not a folder)."""
+    return name.removeprefix(_HUB_PREFIX).lower() in {m.lower() for m in KNOWN_MODELS}
+
+
 def resolve_model(name_or_path: str, *, cache_dir: Path | None = None) -> Path:
     """The folder (holding config.json) of a model folder path or a known model name; never uses the network.
 

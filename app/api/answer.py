@@ -1,0 +1,152 @@
+"""`POST /v1/models/{name}/answer`: rank a question's candidate passages with a registered ensemble."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import CurrentTenant, SessionDep, SettingsDep
+from app.api.schemas import ErrorBody
+from app.services import registry
+from app.services.errors import ApiError
+from app.serving.batcher import QueueFullError
+from app.serving.runtime import ModelLoadError, ServedVersion, ServingRuntime
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1/models", tags=["answer"])
+
+
+class AnswerRequest(BaseModel):
+    """A question and its candidate passages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="The question.")
+    passages: list[str] = Field(min_length=1, description="Candidate passages, ranked in the answer.")
+    top_k: int | None = Field(None, ge=1, description="Return only the best k passages.")
+    explain: bool = Field(False, description="Include each member's and each head's score.")
+    include_passages: bool = Field(True, description="Echo each passage's text in the answer.")
+
+
+class ModelRef(BaseModel):
+    """The model version that answered."""
+
+    name: str
+    version: int
+
+
+class AnsweredPassage(BaseModel):
+    """One passage: its index in the request, its score (P(relevant)) and, when explained, its parts."""
+
+    index: int
+    passage: str | None = None
+    score: float
+    members: list[float] | None = Field(None, description="Each ensemble member's score.")
+    heads: dict[str, float] | None = Field(None, description="Each teacher head's score, mean over members.")
+
+
+class AnswerResponse(BaseModel):
+    """The passages, best first."""
+
+    model: ModelRef
+    answers: list[AnsweredPassage]
+    took_ms: float = Field(description="Server time from arrival at the model to the ranking, milliseconds.")
+
+
+def get_runtime(request: Request) -> ServingRuntime:
+    """The application's serving runtime."""
+    return request.app.state.serving
+
+
+async def check_body_size(request: Request, settings: SettingsDep) -> None:
+    """422 when the request body is larger than max_request_bytes."""
+    declared = request.headers.get("content-length")
+    too_big = declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes
+    if too_big or len(await request.body()) > settings.max_request_bytes:
+        raise ApiError(
+            422,
+            "request_too_large",
+            f"body: the request is larger than {settings.max_request_bytes} bytes",
+            "body",
+        )
+
+
+def resolve_served_version(name: str, session: SessionDep, tenant: CurrentTenant) -> ServedVersion:
+    """The version `name` points at now (`name`, `name@alias`, `name:version`); 404 when there is none.
+
+    Resolved on every request, so that moving an alias takes effect at once without a restart.
+    """
+    row = registry.resolve_version(session, tenant_id=tenant.id, ref=name)
+    return ServedVersion(id=row.id, name=row.name, version=row.version, artifact_uri=row.artifact_uri)
+
+
+RuntimeDep = Annotated[ServingRuntime, Depends(get_runtime)]
+VersionDep = Annotated[ServedVersion, Depends(resolve_served_version)]
+
+
+@router.post(
+    "/{name}/answer",
+    response_model=AnswerResponse,
+    response_model_exclude_none=True,
+    dependencies=[Depends(check_body_size)],
+    responses={
+        401: {"model": ErrorBody, "description": "No valid API key."},
+        404: {"model": ErrorBody, "description": "No such model or version."},
+        422: {"model": ErrorBody, "description": "The request breaks a limit; `param` names the field."},
+        500: {"model": ErrorBody, "description": "The version's artifact could not be loaded."},
+        503: {"model": ErrorBody, "description": "The model's queue is full; retry after Retry-After seconds."},
+    },
+)
+async def answer(
+    body: AnswerRequest, version: VersionDep, runtime: RuntimeDep, settings: SettingsDep
+) -> dict | JSONResponse:
+    """Rank the passages by the ensemble's score, best first."""
+    check_limits(body, settings)
+    try:
+        result = await runtime.answer(
+            version, body.question, body.passages, top_k=body.top_k, explain=body.explain
+        )
+    except ModelLoadError as err:
+        raise ApiError(500, "model_unavailable", str(err)) from err
+    except QueueFullError as err:
+        # Rendered here rather than raised: the error handlers do not carry headers.
+        return JSONResponse(
+            ApiError(503, "overloaded", str(err)).to_dict(),
+            status_code=503,
+            headers={"Retry-After": str(err.retry_after_s)},
+        )
+    return {
+        "model": {"name": result.version.name, "version": result.version.version},
+        "answers": [
+            {
+                "index": ranked.index,
+                "passage": ranked.passage if body.include_passages else None,
+                "score": ranked.score,
+                "members": ranked.members,
+                "heads": ranked.heads,
+            }
+            for ranked in result.passages
+        ],
+        "took_ms": round(result.took_ms, 3),
+    }
+
+
+def check_limits(body: AnswerRequest, settings: Settings) -> None:
+    """422 naming the field when the question or passages break the configured limits."""
+    if len(body.question) > settings.max_question_chars:
+        raise ApiError(
+            422, "too_long", f"question: longer than {settings.max_question_chars} characters", "question"
+        )
+    if len(body.passages) > settings.max_passages:
+        raise ApiError(
+            422, "too_many_passages", f"passages: more than {settings.max_passages} passages", "passages"
+        )
+    for i, passage in enumerate(body.passages):
+        if len(passage) > settings.max_passage_chars:
+            raise ApiError(
+                422,
+                "too_long",
+                f"passages.{i}: longer than {settings.max_passage_chars} characters",
+                f"passages.{i}",
+            )

@@ -1,0 +1,65 @@
+"""Typed dependencies: a database session, the settings, the calling tenant, the artifact store."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.db.models import Tenant
+from app.services.auth import authenticate
+from app.services.errors import ApiError
+from app.services.pagination import PageRequest
+from app.settings import Settings
+from app.storage import ArtifactStore
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `qadistill keys create --tenant NAME`.")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The settings the application was created with."""
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for one request, committed by the service functions that write."""
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+def get_store(request: Request) -> ArtifactStore:
+    """The artifact store."""
+    return request.app.state.store
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def get_current_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    """The tenant whose Bearer API key came with the request; 401 without a valid one."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'")
+    tenant = authenticate(session, credentials.credentials)
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "the API key is not valid")
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+
+def get_page(
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+) -> PageRequest:
+    """The page a list request asks for."""
+    return PageRequest(limit=limit, cursor=cursor)
+
+
+PageDep = Annotated[PageRequest, Depends(get_page)]

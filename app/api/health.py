@@ -1,0 +1,83 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import func, select, text
+
+from app.db.models import JOB_STATUSES, Job
+from app.services.queue import check_broker
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+REQUESTS = Counter("qadistill_http_requests_total", "HTTP requests.", ["method", "route", "status"])
+LATENCY = Histogram("qadistill_http_request_seconds", "HTTP request latency.", ["method", "route"])
+JOBS = Gauge("qadistill_jobs", "Jobs by status (all tenants), computed at scrape.", ["status"])
+
+
+@router.get("/healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness", responses={503: {"description": "A dependency is unreachable."}})
+def readyz(request: Request) -> JSONResponse:
+    """The database and the broker are reachable; lists the models loaded for serving."""
+    checks: dict[str, str] = {}
+    try:
+        with request.app.state.sessionmaker() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        log.warning("readiness: database unreachable: %s", exc)
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        check_broker(request.app.state.settings)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        log.warning("readiness: broker unreachable: %s", exc)
+        checks["broker"] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    body = {"status": "ok" if ready else "unavailable", **checks, "models": request.app.state.serving.loaded()}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Requests, latencies and jobs by status in the Prometheus text format."""
+    await run_in_threadpool(_count_jobs, request)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _count_jobs(request: Request) -> None:
+    with request.app.state.sessionmaker() as session:
+        counts = {status: n for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+    for status in JOB_STATUSES:
+        JOBS.labels(status).set(counts.get(status, 0))
+
+
+def _route_of(request: Request) -> str:
+    # The route template, not the raw path: ids would make one time series per job.
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
+
+
+async def record_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Middleware: count requests and time them by route template."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = _route_of(request)
+        REQUESTS.labels(request.method, route, str(status)).inc()
+        LATENCY.labels(request.method, route).observe(time.perf_counter() - start)

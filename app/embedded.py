@@ -1,0 +1,127 @@
+"""Embedded mode (`qadistill run`): one machine, no servers; a real Celery worker process beside the API."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from app.db.migrate import upgrade_database
+from app.db.session import session_scope
+from app.services.auth import authenticate, create_api_key, get_or_create_tenant
+from app.services.demo import seed_demo_dataset
+from app.settings import Settings
+from app.storage import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+DEMO_TENANT = "demo"
+KEY_FILE = "api-key"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKER_STOP_TIMEOUT_S = 20.0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that give a child process exactly these settings."""
+    assert settings.cache_dir is not None and settings.work_dir is not None
+    return {
+        "QADISTILL_ENVIRONMENT": settings.environment,
+        "QADISTILL_HOME": str(settings.home.resolve()),
+        "QADISTILL_DATABASE_URL": settings.database_url,
+        "QADISTILL_BROKER_URL": settings.broker_url,
+        "QADISTILL_BROKER_KEY_PREFIX": settings.broker_key_prefix,
+        "QADISTILL_ARTIFACTS_URL": settings.artifacts_url,
+        "QADISTILL_CACHE_DIR": str(settings.cache_dir.resolve()),
+        "QADISTILL_WORK_DIR": str(settings.work_dir.resolve()),
+    }
+
+
+def worker_command(queues: str = "gpu,default", concurrency: int = 1, pool: str = "prefork") -> list[str]:
+    """The command line of a Celery worker process on this interpreter."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "-Q", queues, "-c", str(concurrency), "--pool", pool, "-l", "info",
+        # One worker needs no cluster chatter, and starts a second or two sooner without it.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+
+
+def start_worker(
+    settings: Settings,
+    *,
+    pool: str = "prefork",
+    log_path: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a Celery worker process with `settings` (its output to `log_path`, else inherited)."""
+    env = {**os.environ, **settings_env(settings), **(extra_env or {})}
+    out = log_path.open("ab") if log_path else None
+    command = worker_command(concurrency=settings.worker_concurrency, pool=pool)
+    # A session of its own: stop_worker can then end the pool processes too, not only their parent.
+    return subprocess.Popen(
+        command,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,
+    )
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+    """Ask the worker to stop (warm shutdown), and kill it if it has not within `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        # Its unfinished task is not acknowledged: the broker hands it out again at the next start.
+        log.warning("worker %d did not stop in %.0f s: killing it", process.pid, timeout)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def prepare_demo(settings: Settings) -> str:
+    """Migrate, seed dataset `demo` for tenant `demo`, and return its API key (kept in the home folder)."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.database_url)
+    key_file = settings.home / KEY_FILE
+    store = ArtifactStore(settings.artifacts_url)
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, name=DEMO_TENANT)
+        seed_demo_dataset(session, store, tenant=tenant)
+        if key_file.exists():
+            token = key_file.read_text().strip()
+            owner = authenticate(session, token)
+            if owner is not None and owner.id == tenant.id:
+                return token
+        _, token = create_api_key(session, tenant=tenant)
+    key_file.write_text(token + "\n")
+    key_file.chmod(0o600)
+    return token
+
+
+def run_embedded(settings: Settings) -> None:
+    """Start the API on settings.host:port and a worker process; stop the worker when the API stops."""
+    import uvicorn
+
+    from app.main import create_app
+
+    token = prepare_demo(settings)
+    print(f"API key: {token}", flush=True)
+    worker = start_worker(settings)
+    threading.Thread(target=_report_worker_exit, args=(worker,), daemon=True).start()
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    finally:
+        stop_worker(worker)
+
+
+def _report_worker_exit(worker: subprocess.Popen[bytes]) -> None:
+    # Without a worker, jobs stay queued: say so loudly rather than leave the user waiting.
+    code = worker.wait()
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        log.error("the worker process exited with status %s: jobs will stay queued; see its output above", code)

@@ -1,0 +1,55 @@
+"""The application factory: routers, error handlers, request metrics, and a lifespan that migrates."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from app.api import answer, datasets, health, jobs, models
+from app.api.errors import install_error_handlers
+from app.db.migrate import upgrade_database
+from app.db.session import make_engine, make_sessionmaker
+from app.services.queue import make_celery
+from app.serving.runtime import ServingRuntime
+from app.settings import Settings, get_settings
+from app.storage import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Distil large Q&A cross-encoders into compact student ensembles (TMKD) and serve them.
+
+Authenticate with `Authorization: Bearer <API key>` (`qadistill keys create --tenant NAME`).
+Errors are `{"error": {"code", "message", "param"}}`, `param` naming the field at fault.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI application for `settings` (read from the environment when None)."""
+    settings = settings or get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(upgrade_database, settings.database_url)
+        log.info("api ready: database %s", engine.url.render_as_string(hide_password=True))
+        await app.state.serving.start()
+        yield
+        await app.state.serving.aclose()
+        engine.dispose()
+
+    app = FastAPI(title="qadistill", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.store = ArtifactStore(settings.artifacts_url)
+    app.state.celery = make_celery(settings)
+    model_cache = settings.cache_dir / "models"
+    app.state.serving = ServingRuntime(settings, fetch_dir=lambda uri: app.state.store.local_dir(uri, model_cache))
+    install_error_handlers(app)
+    app.middleware("http")(health.record_request)
+    for router in (health.router, datasets.router, jobs.router, models.router, answer.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,224 @@
+"""Jobs as the API sees them: submit (idempotent), read, list, cancel, events and metrics."""
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import FINISHED_STATUSES, Job, JobDataset, JobEvent, Metric, ModelVersion, Tenant
+from app.distill.pretrained import KNOWN_MODELS, is_known_model
+from app.distill.spec import PipelineSpec
+from app.services.datasets import find_dataset
+from app.services.errors import ApiError
+from app.services.pagination import PageRequest, paginate
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str, str], None]
+"""Sends the task of a job: (job_id, task_id) -> None; raises when the broker is unreachable."""
+
+DATA_ROLES = ("train", "eval", "unlabeled")
+LABELLED_ROLES = frozenset({"train", "eval"})
+
+
+def request_fingerprint(spec: PipelineSpec) -> str:
+    """A hash of the submitted spec: a retried request with the same Idempotency-Key must match it."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_model_sources(spec: PipelineSpec, *, model_dirs: Sequence[Path]) -> None:
+    """422 naming the field when the spec names a server folder outside `model_dirs` as a model."""
+    teacher_names = {t.name for t in spec.teachers}
+    sources = [(f"teachers.{i}.path", t.path) for i, t in enumerate(spec.teachers)]
+    sources += [(f"teachers.{i}.base", t.base) for i, t in enumerate(spec.teachers) if t.path is None]
+    if spec.student.init_from not in teacher_names:
+        sources.append(("student.init_from", spec.student.init_from))
+    roots = [root.resolve() for root in model_dirs]
+    for param, source in sources:
+        if source is None or is_known_model(source):
+            continue
+        if not any(Path(source).resolve().is_relative_to(root) for root in roots):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{param}: '{source}' is neither a known model ({', '.join(sorted(KNOWN_MODELS))}), "
+                "a teacher of this job, nor a folder under the server's model_dirs",
+                param,
+            )
+
+
+def resolve_datasets(session: Session, *, tenant_id: str, spec: PipelineSpec) -> dict[str, str]:
+    """Dataset id per data role of `spec` (ids or names); 422 naming `data.<role>` if one is unusable."""
+    resolved: dict[str, str] = {}
+    for role in DATA_ROLES:
+        ref = getattr(spec.data, role)
+        if ref is None:
+            continue
+        dataset = find_dataset(session, tenant_id=tenant_id, ref=ref)
+        param = f"data.{role}"
+        if dataset is None:
+            raise ApiError(422, "invalid_request", f"{param}: no dataset with id or name '{ref}'", param)
+        if role in LABELLED_ROLES and not dataset.labelled:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{param}: dataset '{dataset.name}' has no labels; {role} needs them",
+                param,
+            )
+        resolved[role] = dataset.id
+    return resolved
+
+
+def _find_by_key(session: Session, *, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def _check_same_request(job: Job, fingerprint: str) -> Job:
+    if job.request_sha256 != fingerprint:
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            "Idempotency-Key: this key was used for a different request body",
+            "Idempotency-Key",
+        )
+    return job
+
+
+def submit_job(
+    session: Session,
+    enqueue: Enqueue,
+    *,
+    tenant: Tenant,
+    spec: PipelineSpec,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Create a queued job and send its task; returns (job, created). A retried key returns the first job."""
+    fingerprint = request_fingerprint(spec)
+    if idempotency_key:
+        existing = _find_by_key(session, tenant_id=tenant.id, key=idempotency_key)
+        if existing is not None:
+            return _check_same_request(existing, fingerprint), False
+    dataset_ids = resolve_datasets(session, tenant_id=tenant.id, spec=spec)
+    stored_spec = spec.model_copy(update={"data": spec.data.model_copy(update=dataset_ids)})
+    job = Job(
+        tenant_id=tenant.id,
+        name=spec.name,
+        status="queued",
+        spec=stored_spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        request_sha256=fingerprint,
+        celery_task_id=str(uuid.uuid4()),
+    )
+    session.add(job)
+    session.flush()
+    session.add_all(JobDataset(job_id=job.id, role=role, dataset_id=ds) for role, ds in dataset_ids.items())
+    session.add(JobEvent(job_id=job.id, stage="queued", message="job submitted"))
+    try:
+        session.commit()
+    except IntegrityError:
+        # The same key arrived twice at once: the other request created the job.
+        session.rollback()
+        existing = _find_by_key(session, tenant_id=tenant.id, key=idempotency_key or "")
+        if existing is None:
+            raise
+        return _check_same_request(existing, fingerprint), False
+    try:
+        enqueue(job.id, job.celery_task_id or "")
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job.id)
+        session.delete(job)
+        session.commit()
+        raise ApiError(503, "queue_unavailable", "the job queue is unreachable; retry later") from exc
+    log.info("job %s queued for tenant %s", job.id, tenant.id)
+    return job, True
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """The tenant's job `job_id`; 404 otherwise (also for another tenant's)."""
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.id == job_id))
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job '{job_id}'", "job_id")
+    return job
+
+
+def list_jobs(
+    session: Session, *, tenant_id: str, page: PageRequest, status: str | None = None
+) -> tuple[list[Job], str | None]:
+    """The tenant's jobs newest first, optionally only those with `status`."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    return paginate(session, stmt, created_at=Job.created_at, row_id=Job.id, page=page)
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Ask a job to stop: a queued one is cancelled at once, a running one goes `cancelling`."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    now = utcnow()
+    # Conditional updates: the worker may move the job from queued to running at the same moment.
+    queued = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    if queued.rowcount:
+        session.add(JobEvent(job_id=job.id, stage="queued", message="cancelled before it started"))
+    else:
+        running = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "running")
+            .values(status="cancelling", cancel_requested=True, updated_at=now)
+        )
+        if running.rowcount:
+            session.add(JobEvent(job_id=job.id, stage=job.stage or "running", message="cancel requested"))
+    session.commit()
+    session.refresh(job)
+    if job.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_finished", f"job {job.id} already {job.status}", "job_id")
+    return job
+
+
+def list_events(session: Session, *, job_id: str, after: int = 0, limit: int = 100) -> list[JobEvent]:
+    """A job's events with id greater than `after`, oldest first."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id)
+    return list(session.scalars(stmt.limit(limit)))
+
+
+def is_finished(job: Job) -> bool:
+    """Whether the job has reached a final status."""
+    return job.status in FINISHED_STATUSES
+
+
+def job_curves(session: Session, *, job_id: str) -> list[dict[str, Any]]:
+    """A job's training curves: one per (stage, metric name), points in step order."""
+    rows = session.execute(
+        select(Metric.stage, Metric.name, Metric.step, Metric.value)
+        .where(Metric.job_id == job_id)
+        .order_by(Metric.stage, Metric.name, Metric.step, Metric.id)
+    )
+    curves: dict[tuple[str, str], dict[str, Any]] = {}
+    for stage, name, step, value in rows:
+        curve = curves.setdefault((stage, name), {"stage": stage, "name": name, "steps": [], "values": []})
+        curve["steps"].append(step)
+        curve["values"].append(value)
+    return list(curves.values())
+
+
+def job_model_version(session: Session, *, job_id: str) -> ModelVersion | None:
+    """The model version a job registered, if it did."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.job_id == job_id))
+
+
+def job_model_versions(session: Session, *, job_ids: list[str]) -> dict[str, ModelVersion]:
+    """The model versions some jobs registered, by job id (one query for a whole page)."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.job_id.in_(job_ids))) if job_ids else []
+    return {row.job_id: row for row in rows if row.job_id is not None}

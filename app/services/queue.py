@@ -1,0 +1,61 @@
+"""The Celery application's configuration, shared by the API (which sends) and the worker (which runs)."""
+
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+
+from app.settings import Settings
+
+RUN_JOB_TASK = "workers.tasks.run_job"
+GPU_QUEUE = "gpu"
+DEFAULT_QUEUE = "default"
+VISIBILITY_TIMEOUT_S = 24 * 3600
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on the settings' broker: queues `gpu` and `default`, late acks, one task at a time."""
+    celery = Celery("qadistill", broker=settings.broker_url, set_as_current=False)
+    transport_options = broker_transport_options(settings)
+    celery.conf.update(
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in (GPU_QUEUE, DEFAULT_QUEUE)],
+        task_default_queue=DEFAULT_QUEUE,
+        task_routes={RUN_JOB_TASK: {"queue": GPU_QUEUE}},
+        # A task is acknowledged when it ends, and requeued if its worker dies: jobs resume from checkpoints.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return celery
+
+
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    """Transport options: the key prefix, and (Redis) a visibility timeout longer than any job.
+
+    With late acks Redis hands an unacknowledged task to another worker after the visibility timeout;
+    a day keeps a long training job from running twice.
+    """
+    options: dict[str, object] = {}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        options["visibility_timeout"] = VISIBILITY_TIMEOUT_S
+    if settings.broker_key_prefix:
+        options["global_keyprefix"] = settings.broker_key_prefix
+    return options
+
+
+def enqueue_job(celery: Celery, job_id: str, task_id: str) -> None:
+    """Send the task that runs job `job_id` to the `gpu` queue."""
+    celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE)
+
+
+def check_broker(settings: Settings, timeout: float = 3.0) -> None:
+    """Raise if the broker cannot be reached within `timeout` seconds."""
+    options = broker_transport_options(settings)
+    with Connection(settings.broker_url, connect_timeout=timeout, transport_options=options) as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout)

@@ -1,0 +1,233 @@
+"""Run an ensemble folder's members on one inference backend: torch fp32/int8/fp16 or ONNX Runtime fp32/int8.
+
+Every backend shares the tokenisation and the combination of logits; only the members' forward differs.
+Pairs are sorted by length and scored in chunks, so that padding stays small inside each chunk.
+"""
+
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from app.distill.export import FORMAT, EnsembleFormatError, StudentEnsemble, load_ensemble
+from app.serving.pooled import FirstTokenStudent, supports_first_token
+from app.serving.scoring import PairScores, combine_logits
+
+log = logging.getLogger(__name__)
+
+CPU_BACKENDS = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
+CUDA_BACKEND = "torch-fp16"
+ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
+# Small chunks of length-sorted pairs keep padding low (WikiQA pairs vary from ~15 to 64 tokens) while
+# the matrices stay large enough for efficient kernels.
+DEFAULT_CHUNK_PAIRS = 8
+
+Batch = dict[str, torch.Tensor]
+Encode = Callable[[list[str], list[str]], Batch]
+MemberForward = Callable[[Batch], np.ndarray]
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run this ensemble (missing files, unsupported on this machine)."""
+
+
+@dataclass
+class EnsembleRunner:
+    """Scores (question, passage) pairs with every member of an ensemble on one backend."""
+
+    backend: str
+    encode: Encode
+    members: list[MemberForward]
+    heads: list[str]
+    size_bytes: int
+    chunk_pairs: int = DEFAULT_CHUNK_PAIRS
+    member_pool: Executor | None = None  # runs the members side by side, one core each
+
+    def close(self) -> None:
+        """Stop the members' threads, if any."""
+        if self.member_pool is not None:
+            self.member_pool.shutdown(wait=True)
+
+    def score(self, questions: Sequence[str], passages: Sequence[str]) -> PairScores:
+        """P(relevant) of each pair, overall, per member and per head; blocking, call off the event loop."""
+        if len(questions) != len(passages):
+            raise ValueError(f"{len(questions)} questions for {len(passages)} passages")
+        if not passages:
+            raise ValueError("no pairs to score")
+        order = sorted(range(len(passages)), key=lambda i: len(questions[i]) + len(passages[i]))
+        parts = []
+        for start in range(0, len(order), self.chunk_pairs):
+            chunk = order[start : start + self.chunk_pairs]
+            batch = self.encode([questions[i] for i in chunk], [passages[i] for i in chunk])
+            if self.member_pool is None:
+                logits = [forward(batch) for forward in self.members]
+            else:
+                logits = list(self.member_pool.map(_call, self.members, [batch] * len(self.members)))
+            parts.append(combine_logits(logits))
+        return PairScores.concat(parts).take(np.argsort(order))
+
+
+def read_manifest(ensemble_dir: Path) -> dict:
+    """The ensemble folder's manifest.json; EnsembleFormatError when the folder is not an ensemble."""
+    path = ensemble_dir / "manifest.json"
+    if not path.is_file():
+        raise EnsembleFormatError(f"{ensemble_dir}: no manifest.json, not a student ensemble folder")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise EnsembleFormatError(f"{ensemble_dir}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def member_dirs(ensemble_dir: Path, manifest: dict) -> list[Path]:
+    """The members' folders, in the manifest's order."""
+    return [ensemble_dir / name for name in manifest["members"]]
+
+
+def serving_backend(manifest: dict, device: str) -> str:
+    """The backend to serve with: fp16 torch on CUDA, else what registration chose (fp32 torch by default)."""
+    if device == "cuda":
+        return CUDA_BACKEND
+    return manifest.get("serving", {}).get("backend", "torch-fp32")
+
+
+def load_runner(
+    ensemble_dir: Path, *, backend: str | None = None, device: str = "cpu", threads: int = 0
+) -> EnsembleRunner:
+    """Load an ensemble folder for serving on `backend` (None: the one its manifest records for `device`)."""
+    manifest = read_manifest(ensemble_dir)
+    backend = backend or serving_backend(manifest, device)
+    if backend in ONNX_FILES:
+        runner = onnx_runner(ensemble_dir, manifest, backend, threads=threads)
+    else:
+        runner = torch_runner(load_ensemble(ensemble_dir, device="cpu"), backend)
+    log.info("loaded %s on %s: %d members, %.1f MB",
+             ensemble_dir, backend, len(runner.members), runner.size_bytes / 1e6)
+    return runner
+
+
+def torch_runner(ensemble: StudentEnsemble, backend: str) -> EnsembleRunner:
+    """Run an ensemble's torch members as they are (fp32), int8-quantised, or in fp16 on CUDA."""
+    device = torch.device("cuda" if backend == CUDA_BACKEND else "cpu")
+    members = [_torch_member(_prepare_torch_member(m, backend), device) for m in ensemble.members]
+    size = sum(_parameter_bytes(m) for m in ensemble.members)
+    return EnsembleRunner(backend, ensemble.encode, members, list(ensemble.heads), size)
+
+
+def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: int) -> EnsembleRunner:
+    """Run the members' ONNX files (written by optimize_for_serving) with ONNX Runtime on the CPU.
+
+    With several members and cores, members run side by side, one per core: that scales better than
+    splitting each member's small matrices across cores. `threads` is each member's intra-op threads
+    (0: its share of the cores).
+    """
+    paths = [folder / ONNX_FILES[backend] for folder in member_dirs(ensemble_dir, manifest)]
+    cores = os.cpu_count() or 1
+    parallel = min(len(paths), cores)
+    members = [_onnx_member(path, threads or max(1, cores // parallel)) for path in paths]
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="serve-member") if parallel > 1 else None
+    # Tokenisation stays the core's: an ensemble without torch members only encodes.
+    tokenizer = AutoTokenizer.from_pretrained(member_dirs(ensemble_dir, manifest)[0])
+    encoder = StudentEnsemble(
+        [], tokenizer, max_length=manifest["max_length"], heads=manifest["heads"], manifest=manifest
+    )
+    size = sum(path.stat().st_size for path in paths)
+    return EnsembleRunner(backend, encoder.encode, members, list(manifest["heads"]), size, member_pool=pool)
+
+
+def export_onnx(member: nn.Module, sample: Batch, path: Path) -> None:
+    """Write one member as ONNX with dynamic batch and sequence axes (TorchScript-based exporter)."""
+    # The exporter names graph inputs in forward()'s parameter order, whatever the order of `sample`.
+    names = [name for name in inspect.signature(member.forward).parameters if name in sample]
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    tmp = path.with_suffix(".tmp")
+    # The dynamo exporter needs onnxscript, which is not a dependency; the TorchScript one handles
+    # these encoders, with outputs that match torch to ~1e-6.
+    torch.onnx.export(
+        member.eval(),
+        (),
+        str(tmp),
+        kwargs={name: sample[name] for name in names},
+        input_names=names,
+        output_names=["logits"],
+        dynamic_axes=axes,
+        opset_version=17,
+        dynamo=False,
+    )
+    os.replace(tmp, path)
+
+
+def quantize_onnx(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of a member's weights (activations quantised per batch)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = target.with_suffix(".tmp")
+    # 7-bit weights (reduce_range) avoid the u8 x s8 saturation of AVX2 / non-VNNI AVX-512 kernels, which
+    # a model registered on one machine may be served on; per-channel scales keep the accuracy.
+    quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    os.replace(tmp, target)
+
+
+def serving_module(member: nn.Module) -> nn.Module:
+    """The member in its fastest exact form: last layer for the pooled token only where supported."""
+    member.eval()
+    return FirstTokenStudent(member) if supports_first_token(member) else member
+
+
+def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
+    member = serving_module(member)
+    if backend == "torch-fp32":
+        return member
+    if backend == "torch-int8":
+        return torch.ao.quantization.quantize_dynamic(member, {nn.Linear}, dtype=torch.qint8)
+    if backend == CUDA_BACKEND:
+        if not torch.cuda.is_available():
+            raise BackendError("torch-fp16 needs a CUDA GPU")
+        return member.half().to("cuda")
+    raise BackendError(f"unknown backend {backend!r}; expected one of {(*CPU_BACKENDS, CUDA_BACKEND)}")
+
+
+def _torch_member(member: nn.Module, device: torch.device) -> MemberForward:
+    def forward(batch: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            logits = member(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        return logits.float().cpu().numpy()
+
+    return forward
+
+
+def _onnx_member(path: Path, threads: int) -> MemberForward:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise BackendError(f"{path} is missing: the ensemble was not optimised for ONNX Runtime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: on a few shared cores spinning steals the time that the
+    # event loop, tokenisation and the other members need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = [i.name for i in session.get_inputs()]
+
+    def forward(batch: Batch) -> np.ndarray:
+        return session.run(None, {name: batch[name].numpy() for name in wanted})[0]
+
+    return forward
+
+
+def _call(forward: MemberForward, batch: Batch) -> np.ndarray:
+    return forward(batch)
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

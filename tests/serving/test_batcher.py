@@ -1,0 +1,124 @@
+"""Micro-batching: concurrent questions share batches, each gets its own answer, overload is refused."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from app.serving.batcher import MicroBatcher, QueueFullError
+from app.serving.scoring import PairScores
+
+
+class LengthScorer:
+    """Scores a pair by its passage length; records each batch it is given and on which thread."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, questions: list[str], passages: list[str]) -> PairScores:
+        self.release.wait(5)
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(passages))
+        if self.fail_on is not None and self.fail_on in passages:
+            raise ValueError(f"cannot score {self.fail_on!r}")
+        scores = np.array([len(p) + len(q) / 1000 for q, p in zip(questions, passages, strict=True)])
+        return PairScores(scores, scores[:, None], scores[:, None, None])
+
+
+def make_batcher(scorer: LengthScorer, executor: ThreadPoolExecutor, model: str, **limits: float) -> MicroBatcher:
+    options = {"max_batch_pairs": 64, "max_wait_ms": 20.0, "max_queue": 100} | limits
+    return MicroBatcher(scorer, model=model, executor=executor, **options)
+
+
+def batch_requests_count(model: str) -> float:
+    return REGISTRY.get_sample_value("qadistill_batch_requests_count", {"model": model}) or 0.0
+
+
+def test_concurrent_questions_are_batched_and_each_gets_its_own_scores() -> None:
+    scorer = LengthScorer()
+
+    async def scenario() -> list[PairScores]:
+        with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+            batcher = make_batcher(scorer, pool, "batched")
+            batcher.start()
+            answers = await asyncio.gather(
+                *(batcher.submit(f"q{i}", ["a" * (i + 1), "b" * (10 * (i + 1))]) for i in range(8))
+            )
+            await batcher.aclose()
+            return answers
+
+    answers = asyncio.run(scenario())
+    for i, answer in enumerate(answers):
+        np.testing.assert_allclose(answer.scores, [i + 1 + 0.002, 10 * (i + 1) + 0.002])
+    assert len(scorer.batches) < 8, "eight concurrent questions should share batches"
+    assert all(name.startswith("infer") for name in scorer.threads), "scoring must run off the event loop"
+    assert batch_requests_count("batched") == len(scorer.batches)
+    largest = REGISTRY.get_sample_value("qadistill_batch_requests_sum", {"model": "batched"})
+    assert largest > len(scorer.batches), "the batch-size metric shows more than one question per batch"
+
+
+def test_batch_never_exceeds_max_pairs_but_a_large_question_still_runs() -> None:
+    scorer = LengthScorer()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = make_batcher(scorer, pool, "capped", max_batch_pairs=5)
+            batcher.start()
+            await asyncio.gather(batcher.submit("big", ["x"] * 7), *(batcher.submit("q", ["y", "z"]) for _ in range(4)))
+            await batcher.aclose()
+
+    asyncio.run(scenario())
+    sizes = sorted(len(b) for b in scorer.batches)
+    assert sizes[-1] == 7 and all(size <= 5 for size in sizes[:-1])
+    assert sum(sizes) == 15
+
+
+def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
+    scorer = LengthScorer()
+    scorer.release.clear()  # hold the first batch so that the queue fills up behind it
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = make_batcher(scorer, pool, "full", max_queue=2, max_wait_ms=0.0)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit("q", ["running"]))
+            await asyncio.sleep(0.05)
+            queued = [asyncio.ensure_future(batcher.submit("q", ["queued"])) for _ in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFullError) as refused:
+                await asyncio.wait_for(batcher.submit("q", ["refused"]), timeout=1)
+            assert refused.value.retry_after_s >= 1
+            scorer.release.set()
+            await asyncio.gather(first, *queued)
+            await batcher.aclose()
+
+    asyncio.run(scenario())
+    refusals = {"model": "full", "reason": "queue_full"}
+    assert REGISTRY.get_sample_value("qadistill_answer_errors_total", refusals) == 1
+
+
+def test_a_failing_batch_fails_only_its_own_questions() -> None:
+    scorer = LengthScorer(fail_on="poison")
+
+    async def scenario() -> tuple[list, PairScores]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = make_batcher(scorer, pool, "failing", max_wait_ms=10.0)
+            batcher.start()
+            together = await asyncio.gather(
+                batcher.submit("q", ["poison"]), batcher.submit("q", ["fine"]), return_exceptions=True
+            )
+            later = await batcher.submit("q", ["later"])
+            await batcher.aclose()
+            return together, later
+
+    together, later = asyncio.run(scenario())
+    assert all(isinstance(result, ValueError) for result in together)
+    assert later.scores.tolist() == [5.001]

@@ -1,0 +1,38 @@
+"""Registration-time optimisation: the fastest backend within 0.5 MAP points of fp32 is chosen and served."""
+
+import json
+import shutil
+from pathlib import Path
+
+from app.distill.data import Pair
+from app.distill.metrics import ranking_metrics
+from app.serving.backends import CPU_BACKENDS, ONNX_FILES, load_runner
+from app.serving.optimize import optimize_for_serving
+
+
+def test_chosen_backend_is_the_fastest_acceptable_and_keeps_map(
+    tiny_ensemble: Path, eval_pairs: list[Pair], tmp_path: Path
+) -> None:
+    folder = shutil.copytree(tiny_ensemble, tmp_path / "ensemble")
+
+    serving = optimize_for_serving(folder, eval_pairs, threads=1)
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["serving"] == serving
+    candidates = {c["backend"]: c for c in serving["candidates"]}
+    assert set(candidates) == set(CPU_BACKENDS)
+    measured = [c for c in candidates.values() if "ms_per_question" in c]
+    assert {"torch-fp32", "torch-int8", "onnx-fp32"} <= {c["backend"] for c in measured}
+    acceptable = [c for c in measured if c["map"] >= serving["map_fp32"] - 0.005]
+    assert serving["backend"] == min(acceptable, key=lambda c: c["ms_per_question"])["backend"]
+
+    # What is served from the folder now reproduces the recorded quality.
+    runner = load_runner(folder)
+    assert runner.backend == serving["backend"]
+    scores = runner.score([p.question for p in eval_pairs], [p.passage for p in eval_pairs]).scores
+    labels = [p.label for p in eval_pairs]
+    served_map = ranking_metrics([p.qid for p in eval_pairs], scores.tolist(), labels)["map"]
+    assert abs(served_map - serving["map_backend"]) < 1e-9
+    assert served_map >= serving["map_fp32"] - 0.005
+    kept = {f.name for f in folder.glob("member-*/*.onnx")}
+    assert kept == ({ONNX_FILES[serving["backend"]]} if serving["backend"] in ONNX_FILES else set())
