@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import CurrentTenant, SessionDep, SettingsDep
+from app.api.deps import CurrentTenant, SessionDep, SettingsDep, check_body_size
 from app.api.schemas import ErrorBody
 from app.services import registry
 from app.services.errors import ApiError
@@ -59,19 +59,6 @@ def get_runtime(request: Request) -> ServingRuntime:
     return request.app.state.serving
 
 
-async def check_body_size(request: Request, settings: SettingsDep) -> None:
-    """422 when the request body is larger than max_request_bytes."""
-    declared = request.headers.get("content-length")
-    too_big = declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes
-    if too_big or len(await request.body()) > settings.max_request_bytes:
-        raise ApiError(
-            422,
-            "request_too_large",
-            f"body: the request is larger than {settings.max_request_bytes} bytes",
-            "body",
-        )
-
-
 def resolve_served_version(name: str, session: SessionDep, tenant: CurrentTenant) -> ServedVersion:
     """The version `name` points at now (`name`, `name@alias`, `name:version`); 404 when there is none.
 
@@ -104,9 +91,7 @@ async def answer(
     """Rank the passages by the ensemble's score, best first."""
     check_limits(body, settings)
     try:
-        result = await runtime.answer(
-            version, body.question, body.passages, top_k=body.top_k, explain=body.explain
-        )
+        result = await runtime.answer(version, body.question, body.passages, top_k=body.top_k, explain=body.explain)
     except ModelLoadError as err:
         raise ApiError(500, "model_unavailable", str(err)) from err
     except QueueFullError as err:
@@ -135,13 +120,9 @@ async def answer(
 def check_limits(body: AnswerRequest, settings: Settings) -> None:
     """422 naming the field when the question or passages break the configured limits."""
     if len(body.question) > settings.max_question_chars:
-        raise ApiError(
-            422, "too_long", f"question: longer than {settings.max_question_chars} characters", "question"
-        )
+        raise ApiError(422, "too_long", f"question: longer than {settings.max_question_chars} characters", "question")
     if len(body.passages) > settings.max_passages:
-        raise ApiError(
-            422, "too_many_passages", f"passages: more than {settings.max_passages} passages", "passages"
-        )
+        raise ApiError(422, "too_many_passages", f"passages: more than {settings.max_passages} passages", "passages")
     for i, passage in enumerate(body.passages):
         if len(passage) > settings.max_passage_chars:
             raise ApiError(

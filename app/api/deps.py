@@ -38,6 +38,19 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
+async def check_body_size(request: Request, settings: SettingsDep) -> None:
+    """422 when the request body is larger than max_request_bytes."""
+    declared = request.headers.get("content-length")
+    too_big = declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes
+    if too_big or len(await request.body()) > settings.max_request_bytes:
+        raise ApiError(
+            422,
+            "request_too_large",
+            f"body: the request is larger than {settings.max_request_bytes} bytes",
+            "body",
+        )
+
+
 def get_current_tenant(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

@@ -4,12 +4,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import CurrentTenant, PageDep, SessionDep
+from app.api.deps import CurrentTenant, PageDep, SessionDep, check_body_size
 from app.api.schemas import (
     Curve,
     ErrorBody,
@@ -39,6 +39,7 @@ def _public(session: Session, job: Job) -> JobPublic:
     "",
     status_code=201,
     response_model=JobPublic,
+    dependencies=[Depends(check_body_size)],
     responses={
         200: {"model": JobPublic, "description": "A retried request with the same Idempotency-Key."},
         **_ERRORS,

@@ -133,6 +133,15 @@ def test_missing_required_field_and_bad_json(client, alice, datasets):
     assert job_count(client, alice) == 0
 
 
+def test_oversized_job_body_is_refused_naming_the_body(client, alice, datasets, settings):
+    spec = make_spec()
+    spec["padding"] = "x" * (settings.max_request_bytes + 1)
+    response = submit(client, alice, spec)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "body"
+    assert job_count(client, alice) == 0
+
+
 def test_cursor_pagination_and_status_filter(client, alice, datasets):
     ids = [submit(client, alice, make_spec(seed=i)).json()["id"] for i in range(5)]
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice.headers)
