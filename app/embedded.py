@@ -114,10 +114,18 @@ def run_embedded(settings: Settings) -> None:
     print(f"API key: {token}", flush=True)
     worker = start_worker(settings)
     threading.Thread(target=_report_worker_exit, args=(worker,), daemon=True).start()
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again: turn that into an exception,
+    # not a silent death, so that the worker is stopped below.
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         stop_worker(worker)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _report_worker_exit(worker: subprocess.Popen[bytes]) -> None:

@@ -57,14 +57,22 @@ def _wait_ready(port: int, timeout: float = 60) -> None:
     pytest.fail("the embedded service did not become ready")
 
 
-def _stop(process: subprocess.Popen[str]) -> list[str]:
-    """Ctrl-C the service; returns the pids of the worker processes it had started."""
+def _stop(process: subprocess.Popen[str], sig: int = signal.SIGINT) -> list[str]:
+    """Ctrl-C (or terminate) the service; returns the pids of the worker processes it had started."""
     children = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True
     ).stdout.split()
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 0
+    process.send_signal(sig)
+    assert process.wait(timeout=60) == (0 if sig == signal.SIGINT else 128 + sig)
     return children
+
+
+def _assert_all_gone(workers: list[str]) -> None:
+    assert workers, "qadistill run started no worker process"
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in workers), "the worker outlived the service"
 
 
 def _alive(pid: str) -> bool:
@@ -111,14 +119,20 @@ def test_run_serves_the_demo_and_reuses_its_key(tmp_path, tiny_base):
         assert json.loads(status.stdout)["model"] == {"name": "demo-cli", "version": 1}
     finally:
         workers = _stop(process)
-    assert workers, "qadistill run started no worker process"
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not any(_alive(pid) for pid in workers), "the worker outlived the service"
+    _assert_all_gone(workers)
 
     # A second start keeps the key and the single demo dataset.
     settings = Settings(home=home)
     assert prepare_demo(settings) == key
     with session_scope(settings.database_url) as session:
         assert session.scalar(select(func.count()).select_from(Dataset)) == 1
+
+
+def test_terminating_run_stops_its_worker(tmp_path):
+    port = _free_port()
+    process, _ = _start(tmp_path / "home", port)
+    try:
+        _wait_ready(port)
+    finally:
+        workers = _stop(process, signal.SIGTERM)
+    _assert_all_gone(workers)
