@@ -139,15 +139,21 @@ def save_ensemble(
     return out
 
 
+def read_manifest(ensemble_dir: Path) -> dict:
+    """The ensemble folder's manifest.json; EnsembleFormatError when the folder is not an ensemble."""
+    path = Path(ensemble_dir) / "manifest.json"
+    if not path.is_file():
+        raise EnsembleFormatError(f"{ensemble_dir}: no manifest.json, not a student ensemble folder")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise EnsembleFormatError(f"{ensemble_dir}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
 def load_ensemble(path: Path, *, device: str = "cpu") -> StudentEnsemble:
     """Open an ensemble folder written by save_ensemble; EnsembleFormatError when it is not one."""
     path = Path(path)
-    manifest_file = path / "manifest.json"
-    if not manifest_file.is_file():
-        raise EnsembleFormatError(f"{path}: no manifest.json, not a student ensemble folder")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != FORMAT:
-        raise EnsembleFormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_manifest(path)
     members = [load_member(path / name) for name in manifest["members"]]
     tokenizer = AutoTokenizer.from_pretrained(path / manifest["members"][0])
     return StudentEnsemble(

@@ -5,7 +5,6 @@ Pairs are sorted by length and scored in chunks, so that padding stays small ins
 """
 
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from app.distill.export import FORMAT, EnsembleFormatError, StudentEnsemble, load_ensemble
+from app.distill.export import StudentEnsemble, load_ensemble, read_manifest
 from app.serving.pooled import FirstTokenStudent, supports_first_token
 from app.serving.scoring import PairScores, combine_logits
 
@@ -74,17 +73,6 @@ class EnsembleRunner:
                 logits = list(self.member_pool.map(_call, self.members, [batch] * len(self.members)))
             parts.append(combine_logits(logits))
         return PairScores.concat(parts).take(np.argsort(order))
-
-
-def read_manifest(ensemble_dir: Path) -> dict:
-    """The ensemble folder's manifest.json; EnsembleFormatError when the folder is not an ensemble."""
-    path = ensemble_dir / "manifest.json"
-    if not path.is_file():
-        raise EnsembleFormatError(f"{ensemble_dir}: no manifest.json, not a student ensemble folder")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise EnsembleFormatError(f"{ensemble_dir}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
 
 
 def member_dirs(ensemble_dir: Path, manifest: dict) -> list[Path]:

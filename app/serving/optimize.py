@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from app.distill.data import Pair
-from app.distill.export import StudentEnsemble, load_ensemble
+from app.distill.export import StudentEnsemble, load_ensemble, read_manifest
 from app.distill.metrics import ranking_metrics
 from app.serving.backends import (
     CPU_BACKENDS,
@@ -28,7 +28,6 @@ from app.serving.backends import (
     load_runner,
     member_dirs,
     quantize_onnx,
-    read_manifest,
     serving_module,
     torch_runner,
 )

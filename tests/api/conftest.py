@@ -11,28 +11,21 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from app.db.session import session_scope
 from app.main import create_app
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.settings import Settings
+from tests.pg import fresh_database
 
-PG_ADMIN_URL = os.environ.get("QADISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("QADISTILL_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database of this test session alone, dropped at the end."""
-    name = f"qadistill_api_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("qadistill_api") as url:
+        yield url
 
 
 def drop_broker_keys(settings: Settings) -> None:

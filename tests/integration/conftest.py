@@ -18,16 +18,15 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from app.db.session import session_scope
 from app.embedded import start_worker, stop_worker
 from app.main import create_app
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.settings import Settings
+from tests.pg import fresh_database
 from tests.unit.helpers import make_tiny_base
 
-PG_ADMIN_URL = os.environ.get("QADISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("QADISTILL_TEST_REDIS", "redis://127.0.0.1:6379")
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -82,28 +81,22 @@ class Stack:
 
 
 def _postgres_settings(home: Path) -> Iterator[Settings]:
-    name = f"qadistill_it_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    settings = Settings(
-        home=home,
-        database_url=PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}",
-        broker_url=f"{REDIS_URL}/{secrets.randbelow(15) + 1}",
-        broker_key_prefix=f"qadistill-it-{secrets.token_hex(4)}:",
-        artifacts_url=str(home / "artifacts"),
-    )
-    try:
-        yield settings
-    finally:
-        broker = redis.Redis.from_url(settings.broker_url)
-        keys = list(broker.scan_iter(f"{settings.broker_key_prefix}*"))
-        if keys:
-            broker.delete(*keys)
-        broker.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database("qadistill_it") as database_url:
+        settings = Settings(
+            home=home,
+            database_url=database_url,
+            broker_url=f"{REDIS_URL}/{secrets.randbelow(15) + 1}",
+            broker_key_prefix=f"qadistill-it-{secrets.token_hex(4)}:",
+            artifacts_url=str(home / "artifacts"),
+        )
+        try:
+            yield settings
+        finally:
+            broker = redis.Redis.from_url(settings.broker_url)
+            keys = list(broker.scan_iter(f"{settings.broker_key_prefix}*"))
+            if keys:
+                broker.delete(*keys)
+            broker.close()
 
 
 def _embedded_settings(home: Path) -> Iterator[Settings]:

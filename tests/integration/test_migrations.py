@@ -1,19 +1,17 @@
 """The Alembic history: up, down and up again on PostgreSQL, and the models match it exactly."""
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from app.db.base import Base
 from app.db.migrate import downgrade_database, upgrade_database
 from app.db.session import make_engine
+from tests.pg import fresh_database
 
-PG_ADMIN_URL = os.environ.get("QADISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {
     "tenants",
     "api_keys",
@@ -30,14 +28,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def empty_database() -> Iterator[str]:
-    name = f"qadistill_mig_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("qadistill_mig") as url:
+        yield url
 
 
 def _tables(url: str) -> set[str]:

@@ -6,13 +6,12 @@ import numpy as np
 import torch
 
 from app.distill.data import Pair
-from app.distill.export import load_ensemble
+from app.distill.export import load_ensemble, read_manifest
 from app.serving.backends import (
     ONNX_FILES,
     export_onnx,
     load_runner,
     quantize_onnx,
-    read_manifest,
     serving_module,
 )
 from app.serving.pooled import FirstTokenStudent
