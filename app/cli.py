@@ -32,34 +32,21 @@ def distill(
     """Run a distillation pipeline (teachers, soft labels, stages 1 and 2, evaluation); print its report."""
     import signal
 
-    from tqdm import tqdm
     from transformers.utils import logging as transformers_logging
 
     from app.distill.data import DataError
-    from app.distill.hooks import Cancelled, Hooks, Progress
+    from app.distill.hooks import Cancelled
     from app.distill.pipeline import format_report, run_pipeline
     from app.distill.pretrained import ModelNotInstalledError, UnknownModelError
+    from app.distill.progress import ProgressBars
     from app.settings import get_settings
 
     pipeline_spec = _read_spec_file(spec)
     # Only this command's bars: a classifier's encoder loads without its head, which is expected, not news.
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    bars: dict[str, tqdm] = {}
+    bars = ProgressBars()
     interrupted = False
-
-    def show_progress(progress: Progress) -> None:
-        bar = bars.get(progress.stage)
-        if bar is None:
-            for old in bars.values():
-                old.close()
-            bars.clear()
-            bar = bars[progress.stage] = tqdm(total=progress.total, desc=progress.stage, unit="step")
-        bar.total = progress.total
-        bar.n = progress.step
-        if progress.loss is not None:
-            bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)
-        bar.refresh()
 
     def stop_gracefully(signum: int, frame: object) -> None:
         nonlocal interrupted
@@ -67,11 +54,7 @@ def distill(
 
     # Ctrl-C lets the training loop save a checkpoint first; rerunning the command resumes from it.
     previous_handler = signal.signal(signal.SIGINT, stop_gracefully)
-    hooks = Hooks(
-        on_progress=show_progress,
-        on_event=lambda stage, message: tqdm.write(f"[{stage}] {message}"),
-        should_cancel=lambda: interrupted,
-    )
+    hooks = bars.hooks(should_cancel=lambda: interrupted)
     try:
         result = run_pipeline(
             pipeline_spec, out_dir=out, cache_dir=cache_dir or get_settings().cache_dir, hooks=hooks
@@ -84,8 +67,7 @@ def distill(
         raise typer.Exit(2) from err
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        for bar in bars.values():
-            bar.close()
+        bars.close()
     typer.echo(format_report(result.metrics))
     typer.echo(f"model: {result.model_dir}")
 

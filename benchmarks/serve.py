@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from machine import describe_machine
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.db.migrate import upgrade_database
@@ -264,16 +264,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def machine() -> str:
-    """A one-line description of the machine the numbers come from, and how busy it was."""
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
-
-
 def describe_student(student: Path) -> str:
     """Where the student comes from and its shape, from its manifest."""
     manifest = json.loads((student / "manifest.json").read_text())
@@ -351,7 +341,8 @@ def main() -> None:
     print(table)
     if args.write:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        RESULTS.write_text(f"# Serving benchmark\n\n{stamp}, {machine()}, torch {torch.__version__}.\n\n{table}\n")
+        where = f"{stamp}, {describe_machine()}, torch {torch.__version__}"
+        RESULTS.write_text(f"# Serving benchmark\n\n{where}.\n\n{table}\n")
 
 
 if __name__ == "__main__":
