@@ -22,9 +22,9 @@ lint: install
 	$(VENV)/bin/ruff check app workers tests benchmarks migrations
 
 bench-quality: install
-	$(PY) -m pip install -q -e '.[dev,models]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/quality.py
 
 bench-serve: install
-	$(PY) -m pip install -q -e '.[dev,models]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/serve.py

@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api import answer, datasets, health, jobs, models
 from app.api.errors import install_error_handlers
+from app.api.lookup import VersionLookup
 from app.db.migrate import upgrade_database
 from app.db.session import make_engine, make_sessionmaker
 from app.services.queue import make_celery
@@ -48,8 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     model_cache = settings.cache_dir / "models"
     app.state.serving = ServingRuntime(settings, fetch_dir=lambda uri: app.state.store.local_dir(uri, model_cache))
+    app.state.version_lookup = VersionLookup(app.state.sessionmaker, ttl_s=settings.serve_lookup_ttl_s)
     install_error_handlers(app)
-    app.middleware("http")(health.record_request)
+    app.add_middleware(health.RequestMetrics)
     for router in (health.router, datasets.router, jobs.router, models.router, answer.router):
         app.include_router(router)
     return app

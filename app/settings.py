@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     serve_cache_bytes: int = 2 * 1024**3
     serve_threads: int = 0
     serve_device: str = Field("auto", description="'auto' (CUDA when visible), 'cpu' or 'cuda' (fp16).")
+    serve_lookup_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds the answering path trusts an API key and model reference it resolved (0: never): "
+        "an alias moved or a key revoked through another process takes effect within this time.",
+    )
 
     @model_validator(mode="after")
     def fill_embedded_defaults(self) -> "Settings":

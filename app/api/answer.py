@@ -4,11 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import CurrentTenant, SessionDep, SettingsDep, check_body_size
+from app.api.deps import SettingsDep, bearer, bearer_token, check_body_size
+from app.api.lookup import VersionLookup
 from app.api.schemas import ErrorBody
-from app.services import registry
 from app.services.errors import ApiError
 from app.serving.batcher import QueueFullError
 from app.serving.runtime import ModelLoadError, ServedVersion, ServingRuntime
@@ -59,13 +60,18 @@ def get_runtime(request: Request) -> ServingRuntime:
     return request.app.state.serving
 
 
-def resolve_served_version(name: str, session: SessionDep, tenant: CurrentTenant) -> ServedVersion:
-    """The version `name` points at now (`name`, `name@alias`, `name:version`); 404 when there is none.
+async def resolve_served_version(
+    name: str,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> ServedVersion:
+    """The version `name` points at now (`name`, `name@alias`, `name:version`); 401 or 404 when there is none.
 
-    Resolved on every request, so that moving an alias takes effect at once without a restart.
+    Resolved per request through a short-lived cache (VersionLookup): a moved alias answers within
+    `serve_lookup_ttl_s` seconds, at once when moved through this process, without a restart.
     """
-    row = registry.resolve_version(session, tenant_id=tenant.id, ref=name)
-    return ServedVersion(id=row.id, name=row.name, version=row.version, artifact_uri=row.artifact_uri)
+    lookup: VersionLookup = request.app.state.version_lookup
+    return await lookup.resolve(bearer_token(credentials), name)
 
 
 RuntimeDep = Annotated[ServingRuntime, Depends(get_runtime)]

@@ -14,7 +14,7 @@ from app.services.pagination import PageRequest
 from app.settings import Settings
 from app.storage import ArtifactStore
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from `qadistill keys create --tenant NAME`.")
+bearer = HTTPBearer(auto_error=False, description="An API key from `qadistill keys create --tenant NAME`.")
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -51,14 +51,19 @@ async def check_body_size(request: Request, settings: SettingsDep) -> None:
         )
 
 
-def get_current_tenant(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
-    """The tenant whose Bearer API key came with the request; 401 without a valid one."""
+def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The API key of an `Authorization: Bearer <key>` header; 401 without one."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'")
-    tenant = authenticate(session, credentials.credentials)
+    return credentials.credentials
+
+
+def get_current_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Tenant:
+    """The tenant whose Bearer API key came with the request; 401 without a valid one."""
+    tenant = authenticate(session, bearer_token(credentials))
     if tenant is None:
         raise ApiError(401, "unauthorized", "the API key is not valid")
     return tenant

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from app.api.deps import CurrentTenant, PageDep, SessionDep
 from app.api.schemas import AliasPublic, AliasUpdate, ErrorBody, ModelVersionList, ModelVersionPublic
@@ -44,7 +44,10 @@ def list_aliases(name: str, tenant: CurrentTenant, session: SessionDep) -> list[
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasPublic, responses=_ERRORS, summary="Set an alias")
-def set_alias(name: str, alias: str, body: AliasUpdate, tenant: CurrentTenant, session: SessionDep) -> AliasPublic:
+def set_alias(
+    name: str, alias: str, body: AliasUpdate, request: Request, tenant: CurrentTenant, session: SessionDep
+) -> AliasPublic:
     """Point `name@alias` at a version: promote a new one to `production`, or roll back."""
     row = registry.set_alias(session, tenant_id=tenant.id, name=name, alias=alias, version=body.version)
+    request.app.state.version_lookup.clear()  # this process answers with the new version at once
     return AliasPublic.of(row, body.version)

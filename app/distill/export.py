@@ -67,11 +67,11 @@ class StudentEnsemble:
 
     def encode(self, questions: list[str], passages: list[str]) -> dict[str, Tensor]:
         """Tokenise (question, passage) pairs into one padded batch, cutting passages to max_length."""
-        try:
-            encoded = self._tokenize(questions, passages, "only_second")
-        except Exception:  # the tokenizers library raises a bare Exception when a question alone is too long
-            encoded = self._tokenize(questions, passages, "longest_first")
-        return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS}
+        return self._tokenize(questions, passages, padding=True, return_tensors="pt")
+
+    def tokenize(self, questions: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
+        """Each pair's model inputs as `encode` makes them, unpadded: for batches padded chunk by chunk."""
+        return self._tokenize(questions, passages, padding=False, return_tensors=None)
 
     def score_batch(self, batch: dict[str, Tensor]) -> EnsembleScores:
         """Scores of one encoded batch; every member runs under inference mode."""
@@ -88,15 +88,16 @@ class StudentEnsemble:
             raise ValueError(f"{len(questions)} questions but {len(passages)} passages")
         return self.score_batch(self.encode(questions, passages))
 
-    def _tokenize(self, questions: list[str], passages: list[str], truncation: str) -> dict[str, Tensor]:
-        return self.tokenizer(
-            questions,
-            passages,
-            truncation=truncation,
-            max_length=self.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
+    def _tokenize(self, questions: list[str], passages: list[str], **options: Any) -> dict[str, Any]:
+        try:
+            encoded = self.tokenizer(
+                questions, passages, truncation="only_second", max_length=self.max_length, **options
+            )
+        except Exception:  # the tokenizers library raises a bare Exception when a question alone is too long
+            encoded = self.tokenizer(
+                questions, passages, truncation="longest_first", max_length=self.max_length, **options
+            )
+        return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS}
 
 
 def save_ensemble(

@@ -1,7 +1,8 @@
 """Run an ensemble folder's members on one inference backend: torch fp32/int8/fp16 or ONNX Runtime fp32/int8.
 
 Every backend shares the tokenisation and the combination of logits; only the members' forward differs.
-Pairs are sorted by length and scored in chunks, so that padding stays small inside each chunk.
+A batch is tokenised in one call; its pairs are then sorted by token count and scored in chunks, each
+padded to its own longest pair, so that padding stays small.
 """
 
 import inspect
@@ -30,8 +31,8 @@ ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
 # the matrices stay large enough for efficient kernels.
 DEFAULT_CHUNK_PAIRS = 8
 
-Batch = dict[str, torch.Tensor]
-Encode = Callable[[list[str], list[str]], Batch]
+Batch = dict[str, np.ndarray]  # model inputs, int64 [pairs, tokens]
+Tokenize = Callable[[list[str], list[str]], dict[str, list[list[int]]]]
 MemberForward = Callable[[Batch], np.ndarray]
 
 
@@ -44,7 +45,8 @@ class EnsembleRunner:
     """Scores (question, passage) pairs with every member of an ensemble on one backend."""
 
     backend: str
-    encode: Encode
+    tokenize: Tokenize
+    pad_id: int
     members: list[MemberForward]
     heads: list[str]
     size_bytes: int
@@ -62,17 +64,30 @@ class EnsembleRunner:
             raise ValueError(f"{len(questions)} questions for {len(passages)} passages")
         if not passages:
             raise ValueError("no pairs to score")
-        order = sorted(range(len(passages)), key=lambda i: len(questions[i]) + len(passages[i]))
+        tokens = self.tokenize(list(questions), list(passages))
+        lengths = [len(ids) for ids in tokens["input_ids"]]
+        order = sorted(range(len(passages)), key=lengths.__getitem__)
         parts = []
         for start in range(0, len(order), self.chunk_pairs):
-            chunk = order[start : start + self.chunk_pairs]
-            batch = self.encode([questions[i] for i in chunk], [passages[i] for i in chunk])
+            batch = pad_rows(tokens, order[start : start + self.chunk_pairs], pad_id=self.pad_id)
             if self.member_pool is None:
                 logits = [forward(batch) for forward in self.members]
             else:
                 logits = list(self.member_pool.map(_call, self.members, [batch] * len(self.members)))
             parts.append(combine_logits(logits))
         return PairScores.concat(parts).take(np.argsort(order))
+
+
+def pad_rows(tokens: dict[str, list[list[int]]], rows: Sequence[int], *, pad_id: int) -> Batch:
+    """The model inputs of `rows`, right-padded to the longest of them (input ids with pad_id, the rest with 0)."""
+    width = max(len(tokens["input_ids"][i]) for i in rows)
+    batch = {}
+    for key, sequences in tokens.items():
+        array = np.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=np.int64)
+        for row, i in enumerate(rows):
+            array[row, : len(sequences[i])] = sequences[i]
+        batch[key] = array
+    return batch
 
 
 def member_dirs(ensemble_dir: Path, manifest: dict) -> list[Path]:
@@ -107,7 +122,7 @@ def torch_runner(ensemble: StudentEnsemble, backend: str) -> EnsembleRunner:
     device = torch.device("cuda" if backend == CUDA_BACKEND else "cpu")
     members = [_torch_member(_prepare_torch_member(m, backend), device) for m in ensemble.members]
     size = sum(_parameter_bytes(m) for m in ensemble.members)
-    return EnsembleRunner(backend, ensemble.encode, members, list(ensemble.heads), size)
+    return EnsembleRunner(backend, ensemble.tokenize, _pad_id(ensemble), members, list(ensemble.heads), size)
 
 
 def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: int) -> EnsembleRunner:
@@ -128,7 +143,9 @@ def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: in
         [], tokenizer, max_length=manifest["max_length"], heads=manifest["heads"], manifest=manifest
     )
     size = sum(path.stat().st_size for path in paths)
-    return EnsembleRunner(backend, encoder.encode, members, list(manifest["heads"]), size, member_pool=pool)
+    return EnsembleRunner(
+        backend, encoder.tokenize, _pad_id(encoder), members, list(manifest["heads"]), size, member_pool=pool
+    )
 
 
 def export_onnx(member: nn.Module, sample: Batch, path: Path) -> None:
@@ -186,7 +203,7 @@ def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
 def _torch_member(member: nn.Module, device: torch.device) -> MemberForward:
     def forward(batch: Batch) -> np.ndarray:
         with torch.inference_mode():
-            logits = member(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            logits = member(**{k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()})
         return logits.float().cpu().numpy()
 
     return forward
@@ -208,13 +225,17 @@ def _onnx_member(path: Path, threads: int) -> MemberForward:
     wanted = [i.name for i in session.get_inputs()]
 
     def forward(batch: Batch) -> np.ndarray:
-        return session.run(None, {name: batch[name].numpy() for name in wanted})[0]
+        return session.run(None, {name: batch[name] for name in wanted})[0]
 
     return forward
 
 
 def _call(forward: MemberForward, batch: Batch) -> np.ndarray:
     return forward(batch)
+
+
+def _pad_id(ensemble: StudentEnsemble) -> int:
+    return ensemble.tokenizer.pad_token_id or 0
 
 
 def _parameter_bytes(module: nn.Module) -> int:

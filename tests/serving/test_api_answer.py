@@ -2,7 +2,8 @@
 
 import asyncio
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,8 @@ from app.db.session import session_scope
 from app.distill.data import Pair
 from app.distill.export import load_ensemble
 from app.main import create_app
-from app.services.auth import create_api_key, get_or_create_tenant
+from app.services import registry
+from app.services.auth import create_api_key, get_or_create_tenant, revoke_api_key
 from app.settings import Settings
 from tests.serving.conftest import build_tiny_ensemble
 
@@ -114,6 +116,35 @@ def test_alias_promotion_and_rollback_switch_the_answering_version(client: TestC
     client.put("/v1/models/qa/aliases/production", headers=caller, json={"version": 2})
     assert ask(client, caller, "qa").json()["model"]["version"] == 2
     assert ask(client, caller, "qa:1").json()["model"]["version"] == 1
+
+
+def test_changes_made_by_another_process_are_seen_within_the_lookup_ttl(
+    tmp_path: Path, tiny_ensemble: Path, second_ensemble: Path
+) -> None:
+    settings = make_settings(tmp_path, serve_lookup_ttl_s=0.2)
+    with TestClient(create_app(settings)) as client:
+        tenant_id, headers = make_caller(settings)
+        register(settings, tenant_id, "qa", [tiny_ensemble, second_ensemble])
+        assert ask(client, headers, "qa").json()["model"]["version"] == 2
+
+        # Another API process promotes version 1, then the key is revoked from the command line.
+        with session_scope(settings.database_url) as session:
+            registry.set_alias(session, tenant_id=tenant_id, name="qa", alias="production", version=1)
+        assert eventually(lambda: ask(client, headers, "qa").json()["model"]["version"] == 1)
+        with session_scope(settings.database_url) as session:
+            revoke_api_key(session, key_or_prefix=headers["Authorization"].removeprefix("Bearer "))
+            session.commit()
+        assert eventually(lambda: ask(client, headers, "qa").status_code == 401)
+
+
+def eventually(check: Callable[[], bool], within_s: float = 2.0) -> bool:
+    """Whether `check` becomes true within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
 
 
 @pytest.mark.parametrize(
