@@ -1,8 +1,9 @@
 """Dynamic micro-batching: concurrent questions are merged into one inference batch.
 
 The event loop only queues and hands out results; scoring (tokenisation included) runs on an executor
-thread. A batch closes when it holds `max_batch_pairs` pairs or when its oldest question has waited
-`max_wait_ms`, whichever comes first; while one batch runs, the next one fills up.
+thread. While one batch runs, the next one fills up. Under load (questions queued up while the last batch
+ran) a batch also waits until it holds `max_batch_pairs` pairs or its oldest question has waited
+`max_wait_ms`, whichever comes first; an idle model answers a lone question at once.
 """
 
 import asyncio
@@ -72,6 +73,7 @@ class MicroBatcher(Generic[R]):
         self._pending: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
+        self._under_load = False  # questions arrived while the last batch ran
         self._task: asyncio.Task | None = None
 
     @property
@@ -111,10 +113,12 @@ class MicroBatcher(Generic[R]):
                         return
                     self._arrived.clear()
                     await self._arrived.wait()
-                await self._wait_for_more()
+                if self._under_load:
+                    await self._wait_for_more()
                 batch = self._take_batch()
                 if batch:
                     await self._execute(batch)
+                    self._under_load = bool(self._pending)
         finally:
             # Only reached early if the task itself is cancelled: nobody may be left waiting forever.
             for item in self._pending:

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -79,6 +80,44 @@ def test_batch_never_exceeds_max_pairs_but_a_large_question_still_runs() -> None
     sizes = sorted(len(b) for b in scorer.batches)
     assert sizes[-1] == 7 and all(size <= 5 for size in sizes[:-1])
     assert sum(sizes) == 15
+
+
+def test_an_idle_model_answers_a_lone_question_without_waiting_for_a_batch() -> None:
+    scorer = LengthScorer()
+
+    async def scenario() -> float:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = make_batcher(scorer, pool, "idle", max_wait_ms=5000.0)
+            batcher.start()
+            started = time.perf_counter()
+            await batcher.submit("q", ["alone"])
+            took = time.perf_counter() - started
+            await batcher.aclose()
+            return took
+
+    assert asyncio.run(scenario()) < 2.5, "a lone question must not sit out max_wait_ms"
+
+
+def test_under_load_a_batch_waits_for_more_questions() -> None:
+    scorer = LengthScorer()
+    scorer.release.clear()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = make_batcher(scorer, pool, "loaded", max_wait_ms=1000.0)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit("q1", ["first"]))
+            await asyncio.sleep(0.05)  # q1's batch is running (held by the scorer)
+            second = asyncio.ensure_future(batcher.submit("q2", ["second"]))
+            await asyncio.sleep(0.05)
+            scorer.release.set()
+            await first
+            await asyncio.sleep(0.05)  # q2 is queued, its batch waiting for company
+            await asyncio.gather(second, batcher.submit("q3", ["third"]))
+            await batcher.aclose()
+
+    asyncio.run(scenario())
+    assert scorer.batches == [["first"], ["second", "third"]]
 
 
 def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
