@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     serve_max_batch_pairs: int = 256
     serve_max_wait_ms: float = 2.0
     serve_max_queue: int = 512
+    serve_max_inflight_batches: int = Field(2, ge=1, description="Batches of one model scored at once.")
     serve_cache_bytes: int = 2 * 1024**3
     serve_threads: int = 0
     serve_device: str = Field("auto", description="'auto' (CUDA when visible), 'cpu' or 'cuda' (fp16).")

@@ -2,7 +2,7 @@
 
 Starts the service (uvicorn, embedded mode) with the students of the quality benchmark's run registered
 (optimised for serving as registration does): the tmkd ensemble (`run-cpu`) and the compact tmkd student
-(`run-cpu-compact`: one member, one layer). It drives `POST /v1/models/{name}/answer` with an async load
+(`run-cpu-compact`: one member). It drives `POST /v1/models/{name}/answer` with an async load
 generator at concurrency 1, 8 and 32; every request is a WikiQA dev question with 10 candidate passages.
 In the same run it measures the baseline a user would otherwise deploy: the teacher ensemble with plain
 transformers (AutoModelForSequenceClassification), one question at a time, in process (no HTTP, which

@@ -55,7 +55,7 @@ class AnswerResponse(BaseModel):
     took_ms: float = Field(description="Server time from arrival at the model to the ranking, milliseconds.")
 
 
-def get_runtime(request: Request) -> ServingRuntime:
+async def get_runtime(request: Request) -> ServingRuntime:
     """The application's serving runtime."""
     return request.app.state.serving
 

@@ -17,7 +17,11 @@ from app.storage import ArtifactStore
 bearer = HTTPBearer(auto_error=False, description="An API key from `qadistill keys create --tenant NAME`.")
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that only read app.state are `async def`: FastAPI runs a plain `def` one on a worker thread,
+# a hop that costs the answering path more than the lookup itself.
+
+
+async def get_settings_dep(request: Request) -> Settings:
     """The settings the application was created with."""
     return request.app.state.settings
 
@@ -28,7 +32,7 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     """The artifact store."""
     return request.app.state.store
 
@@ -72,7 +76,7 @@ def get_current_tenant(
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
-def get_page(
+async def get_page(
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
 ) -> PageRequest:

@@ -1,8 +1,9 @@
 """Run an ensemble folder's members on one inference backend: torch fp32/int8/fp16 or ONNX Runtime fp32/int8.
 
 Every backend shares the tokenisation and the combination of logits; only the members' forward differs.
-A batch is tokenised in one call; its pairs are then sorted by token count and scored in chunks, each
-padded to its own longest pair, so that padding stays small.
+A batch is tokenised in one call; its pairs are then sorted by token count and cut into chunks, each
+padded to its own longest pair, so that padding stays small. Each (chunk, member) forward is a separate
+piece of work: on ONNX Runtime they run side by side, one per core.
 """
 
 import inspect
@@ -51,12 +52,12 @@ class EnsembleRunner:
     heads: list[str]
     size_bytes: int
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
-    member_pool: Executor | None = None  # runs the members side by side, one core each
+    pool: Executor | None = None  # runs the (chunk, member) forwards side by side, one core each
 
     def close(self) -> None:
-        """Stop the members' threads, if any."""
-        if self.member_pool is not None:
-            self.member_pool.shutdown(wait=True)
+        """Stop the forward threads, if any."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
     def score(self, questions: Sequence[str], passages: Sequence[str]) -> PairScores:
         """P(relevant) of each pair, overall, per member and per head; blocking, call off the event loop."""
@@ -67,15 +68,28 @@ class EnsembleRunner:
         tokens = self.tokenize(list(questions), list(passages))
         lengths = [len(ids) for ids in tokens["input_ids"]]
         order = sorted(range(len(passages)), key=lengths.__getitem__)
-        parts = []
-        for start in range(0, len(order), self.chunk_pairs):
-            batch = pad_rows(tokens, order[start : start + self.chunk_pairs], pad_id=self.pad_id)
-            if self.member_pool is None:
-                logits = [forward(batch) for forward in self.members]
-            else:
-                logits = list(self.member_pool.map(_call, self.members, [batch] * len(self.members)))
-            parts.append(combine_logits(logits))
+        batches = [pad_rows(tokens, rows, pad_id=self.pad_id) for rows in even_chunks(order, self.chunk_pairs)]
+        forwards = [forward for _ in batches for forward in self.members]
+        inputs = [batch for batch in batches for _ in self.members]
+        if self.pool is None:
+            logits = [forward(batch) for forward, batch in zip(forwards, inputs, strict=True)]
+        else:
+            logits = list(self.pool.map(_call, forwards, inputs))
+        k = len(self.members)
+        parts = [combine_logits(logits[i * k : (i + 1) * k]) for i in range(len(batches))]
         return PairScores.concat(parts).take(np.argsort(order))
+
+
+def even_chunks(items: list[int], most: int) -> list[list[int]]:
+    """`items` cut into the fewest consecutive chunks of at most `most`, their sizes differing by one at most."""
+    count = -(-len(items) // most)
+    size, extra = divmod(len(items), count)
+    chunks, start = [], 0
+    for i in range(count):
+        stop = start + size + (i < extra)
+        chunks.append(items[start:stop])
+        start = stop
+    return chunks
 
 
 def pad_rows(tokens: dict[str, list[list[int]]], rows: Sequence[int], *, pad_id: int) -> Batch:
@@ -128,15 +142,14 @@ def torch_runner(ensemble: StudentEnsemble, backend: str) -> EnsembleRunner:
 def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: int) -> EnsembleRunner:
     """Run the members' ONNX files (written by optimize_for_serving) with ONNX Runtime on the CPU.
 
-    With several members and cores, members run side by side, one per core: that scales better than
-    splitting each member's small matrices across cores. `threads` is each member's intra-op threads
-    (0: its share of the cores).
+    The (chunk, member) forwards run side by side, one per core: that scales better than splitting each
+    forward's small matrices across cores. `threads` is each forward's intra-op threads (0: one).
     """
     paths = [folder / ONNX_FILES[backend] for folder in member_dirs(ensemble_dir, manifest)]
-    cores = os.cpu_count() or 1
-    parallel = min(len(paths), cores)
-    members = [_onnx_member(path, threads or max(1, cores // parallel)) for path in paths]
-    pool = ThreadPoolExecutor(parallel, thread_name_prefix="serve-member") if parallel > 1 else None
+    threads = threads or 1
+    parallel = max(1, (os.cpu_count() or 1) // threads)
+    members = [_onnx_member(path, threads) for path in paths]
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="serve-forward") if parallel > 1 else None
     # Tokenisation stays the core's: an ensemble without torch members only encodes.
     tokenizer = AutoTokenizer.from_pretrained(member_dirs(ensemble_dir, manifest)[0])
     encoder = StudentEnsemble(
@@ -144,7 +157,7 @@ def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: in
     )
     size = sum(path.stat().st_size for path in paths)
     return EnsembleRunner(
-        backend, encoder.tokenize, _pad_id(encoder), members, list(manifest["heads"]), size, member_pool=pool
+        backend, encoder.tokenize, _pad_id(encoder), members, list(manifest["heads"]), size, pool=pool
     )
 
 

@@ -1,9 +1,10 @@
 """Dynamic micro-batching: concurrent questions are merged into one inference batch.
 
 The event loop only queues and hands out results; scoring (tokenisation included) runs on an executor
-thread. While one batch runs, the next one fills up. Under load (questions queued up while the last batch
-ran) a batch also waits until it holds `max_batch_pairs` pairs or its oldest question has waited
-`max_wait_ms`, whichever comes first; an idle model answers a lone question at once.
+thread. While a batch runs, the next one fills up; up to `max_inflight` batches run at once, so that the
+questions that just missed a batch need not wait for all of it to finish. Under load (a batch running, or
+questions left queued by the last one) a batch also waits until it holds `max_batch_pairs` pairs or its
+oldest question has waited `max_wait_ms`, whichever comes first; an idle model answers a lone question at once.
 """
 
 import asyncio
@@ -63,6 +64,7 @@ class MicroBatcher(Generic[R]):
         max_batch_pairs: int,
         max_wait_ms: float,
         max_queue: int,
+        max_inflight: int = 1,
     ) -> None:
         self._score = score
         self._model = model
@@ -73,7 +75,9 @@ class MicroBatcher(Generic[R]):
         self._pending: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
-        self._under_load = False  # questions arrived while the last batch ran
+        self._under_load = False  # questions were left queued when the last batch finished
+        self._slots = asyncio.Semaphore(max(1, max_inflight))
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     @property
@@ -110,21 +114,33 @@ class MicroBatcher(Generic[R]):
             while True:
                 while not self._pending:
                     if self._closing:
+                        await asyncio.gather(*self._running)
                         return
                     self._arrived.clear()
                     await self._arrived.wait()
-                if self._under_load:
+                await self._slots.acquire()
+                if self._running or self._under_load:
                     await self._wait_for_more()
                 batch = self._take_batch()
-                if batch:
-                    await self._execute(batch)
-                    self._under_load = bool(self._pending)
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
         finally:
+            for task in self._running:
+                task.cancel()
             # Only reached early if the task itself is cancelled: nobody may be left waiting forever.
             for item in self._pending:
                 if not item.future.done():
                     item.future.set_exception(BatcherClosedError(f"model {self._model!r} was unloaded"))
             self._pending.clear()
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
+        self._under_load = bool(self._pending)
 
     async def _wait_for_more(self) -> None:
         """Wait until the batch is full or its oldest question has waited max_wait."""

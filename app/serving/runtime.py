@@ -1,7 +1,8 @@
 """The serving runtime: loads model versions on demand, batches their questions and ranks the passages.
 
-One inference thread is shared by every loaded model, so that models do not fight over the CPU cores;
-loading runs on its own thread, so that a model being loaded does not stall the others' answers.
+The inference threads (one per batch in flight) are shared by every loaded model, so that models do not
+fight over the CPU cores; loading runs on its own thread, so that a model being loaded does not stall the
+others' answers.
 """
 
 import asyncio
@@ -96,7 +97,9 @@ class ServingRuntime:
         """Create the inference and loading threads (call from the app's lifespan)."""
         if self._settings.serve_threads > 0:
             torch.set_num_threads(self._settings.serve_threads)
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="serve-infer")
+        self._infer_pool = ThreadPoolExecutor(
+            self._settings.serve_max_inflight_batches, thread_name_prefix="serve-infer"
+        )
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="serve-load")
 
     async def aclose(self) -> None:
@@ -175,6 +178,7 @@ class ServingRuntime:
             max_batch_pairs=self._settings.serve_max_batch_pairs,
             max_wait_ms=self._settings.serve_max_wait_ms,
             max_queue=self._settings.serve_max_queue,
+            max_inflight=self._settings.serve_max_inflight_batches,
         )
         batcher.start()
         load_ms = (time.perf_counter() - started) * 1000
