@@ -120,6 +120,39 @@ def test_under_load_a_batch_waits_for_more_questions() -> None:
     assert scorer.batches == [["first"], ["second", "third"]]
 
 
+def test_a_question_that_missed_a_running_batch_does_not_wait_for_it() -> None:
+    held = threading.Event()
+    scorer = LengthScorer()
+
+    def score(questions: list[str], passages: list[str]) -> PairScores:
+        if "slow" in passages:
+            held.wait(5)
+        return scorer(questions, passages)
+
+    async def scenario() -> tuple[bool, bool]:
+        with ThreadPoolExecutor(2) as pool:
+            batcher = MicroBatcher(
+                score,
+                model="inflight",
+                executor=pool,
+                max_batch_pairs=64,
+                max_wait_ms=0.0,
+                max_queue=10,
+                max_inflight=2,
+            )
+            batcher.start()
+            slow = asyncio.ensure_future(batcher.submit("q1", ["slow"]))
+            await asyncio.sleep(0.05)
+            fast = await asyncio.wait_for(batcher.submit("q2", ["fast"]), timeout=2)
+            slow_still_running = not slow.done()
+            held.set()
+            await slow
+            await batcher.aclose()
+            return slow_still_running, float(fast.scores[0]) == 4.002
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
 def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
     scorer = LengthScorer()
     scorer.release.clear()  # hold the first batch so that the queue fills up behind it
