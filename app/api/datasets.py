@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 _CHUNK = 1 << 20
 # Room for the multipart framing and the small text fields around the file itself.
-_FORM_OVERHEAD = 64 * 1024
+FORM_OVERHEAD = 64 * 1024
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422)}
 _UPLOAD_BODY = {
     "requestBody": {
@@ -99,7 +99,7 @@ async def upload_dataset(
     """
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + _FORM_OVERHEAD:
+    if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
         raise _too_large(limit)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(422, "invalid_request", "file: send multipart/form-data with a 'file' part", "file")

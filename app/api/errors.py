@@ -15,7 +15,13 @@ __all__ = ["ApiError", "install_error_handlers", "validation_error"]
 # PipelineSpec's model validators name the field at fault as a prefix: "data.unlabeled: ...".
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*): (.+)$", re.DOTALL)
 _LOCATION_ROOTS = {"body", "query", "path", "header", "cookie"}
-_HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+_HTTP_CODES = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
 
 
 def validation_error(errors: list[Any]) -> ApiError:
@@ -50,7 +56,7 @@ async def _handle_http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return JSONResponse(
-        {"error": {"code": code, "message": str(exc.detail), "param": None}},
+        {"error": {"code": code, "message": str(exc.detail), "param": "body" if exc.status_code == 413 else None}},
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )

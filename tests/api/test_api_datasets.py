@@ -76,6 +76,29 @@ def test_too_large_upload_is_413_and_stores_nothing(client, alice, upload, setti
     assert client.get("/v1/datasets", headers=alice.headers).json()["data"] == []
 
 
+def test_chunked_body_without_length_is_cut_off_while_streaming(client, alice, settings, stored_files):
+    before = stored_files()
+    boundary = "qadistill-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode()
+    )
+    row = b'{"question": "q", "passage": "' + b"x" * 1000 + b'", "label": 1}\n'
+
+    def body():  # a generator: sent chunked, with no Content-Length to refuse it by
+        yield head
+        for _ in range(2 * settings.max_request_bytes // len(row)):
+            yield row
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = alice.headers | {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    response = client.post("/v1/datasets", headers=headers, content=body())
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("request_too_large", "body")
+    assert stored_files() == before
+    assert client.get("/v1/datasets", headers=alice.headers).json()["data"] == []
+
+
 def test_unknown_format_bad_name_and_taken_name(upload, alice, pairs_jsonl):
     unknown = upload(alice, pairs_jsonl(2), "pairs.xlsx")
     assert (unknown.status_code, unknown.json()["error"]["param"]) == (422, "format")
