@@ -47,9 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.serving.aclose()
         engine.dispose()
 
-    # A hard cap on any request body, enforced while it streams in (a chunked body declares no length):
-    # the routes' own limits (max_request_bytes, max_upload_bytes) give the precise errors below it.
-    body_cap = max(settings.max_request_bytes, settings.max_upload_bytes + datasets.FORM_OVERHEAD)
+    # A hard cap on any request body, enforced while it streams in (a chunked body declares no length), at
+    # twice the largest route limit: below it the routes' own limits (max_request_bytes, max_upload_bytes)
+    # answer with their precise errors; past it the body is cut off with 413 before it is all read.
+    body_cap = 2 * max(settings.max_request_bytes, settings.max_upload_bytes + datasets.FORM_OVERHEAD)
     app = FastAPI(
         title="qadistill", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, max_body_size=body_cap
     )
