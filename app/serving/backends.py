@@ -213,7 +213,13 @@ def _after_last_softmax(path: Path) -> list[str]:
     softmaxes = [i for i, node in enumerate(nodes) if node.op_type == "Softmax"]
     if not softmaxes:
         return []
-    return [node.name for node in nodes[softmaxes[-1] + 1 :] if node.op_type in ("MatMul", "Gemm")]
+    names = []
+    for node in nodes[softmaxes[-1] + 1 :]:
+        if node.op_type == "MatMul":
+            names.append(node.name)
+        elif node.op_type == "Gemm":  # the quantiser splits a Gemm into "<name>_MatMul" and an Add first
+            names += [node.name, f"{node.name}_MatMul"]
+    return names
 
 
 def serving_module(member: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import onnx as onnx_format
 import torch
 
 from app.distill.data import Pair
@@ -50,12 +51,18 @@ def test_onnx_export_matches_torch_with_other_batch_and_sequence_sizes(
         expected = ensemble.score_pairs(questions, passages)
         onnx = load_runner(folder, backend="onnx-fp32").score(questions, passages)
         int8 = load_runner(folder, backend="onnx-int8").score(questions, passages)
+        heads_ops = [
+            [n.op_type for n in onnx_format.load(str(m / ONNX_FILES["onnx-int8"])).graph.node if "heads" in n.name]
+            for m in members
+        ]
     finally:
         for member_dir in members:
             for filename in ONNX_FILES.values():
                 (member_dir / filename).unlink(missing_ok=True)
     np.testing.assert_allclose(onnx.head_scores, expected.head_scores, atol=1e-5)
     assert np.abs(int8.scores - expected.scores).max() < 0.05
+    # The heads, which form the scores from the pooled token alone, stay fp32 in the int8 model.
+    assert all(ops and "MatMulInteger" not in ops for ops in heads_ops)
 
 
 def test_first_token_form_gives_the_students_logits_and_bilstm_students_run_as_they_are(
