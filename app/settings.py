@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     max_question_chars: int = 1000
 
     # Serving.
-    serve_max_batch_pairs: int = 256
-    serve_max_wait_ms: float = 2.0
+    serve_max_batch_pairs: int = 512
+    serve_max_wait_ms: float = 5.0
     serve_max_queue: int = 512
     serve_max_inflight_batches: int = Field(2, ge=1, description="Batches of one model scored at once.")
     serve_cache_bytes: int = 2 * 1024**3
