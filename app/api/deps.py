@@ -62,15 +62,20 @@ def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
+def tenant_of_key(session: Session, token: str) -> Tenant:
+    """The tenant owning the live API key `token`; 401 when there is none."""
+    tenant = authenticate(session, token)
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "the API key is not valid")
+    return tenant
+
+
 def get_current_tenant(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Tenant:
     """The tenant whose Bearer API key came with the request; 401 without a valid one."""
-    tenant = authenticate(session, bearer_token(credentials))
-    if tenant is None:
-        raise ApiError(401, "unauthorized", "the API key is not valid")
-    return tenant
+    return tenant_of_key(session, bearer_token(credentials))
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

@@ -11,9 +11,9 @@ from cachetools import TTLCache
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.deps import tenant_of_key
 from app.services import registry
-from app.services.auth import authenticate, hash_key
-from app.services.errors import ApiError
+from app.services.auth import hash_key
 from app.serving.runtime import ServedVersion
 
 MAX_ENTRIES = 10_000
@@ -47,8 +47,6 @@ class VersionLookup:
 
     def _query(self, token: str, ref: str) -> ServedVersion:
         with self._sessions() as session:
-            tenant = authenticate(session, token)
-            if tenant is None:
-                raise ApiError(401, "unauthorized", "the API key is not valid")
+            tenant = tenant_of_key(session, token)
             row = registry.resolve_version(session, tenant_id=tenant.id, ref=ref)
             return ServedVersion(id=row.id, name=row.name, version=row.version, artifact_uri=row.artifact_uri)
