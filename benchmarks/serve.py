@@ -194,7 +194,7 @@ async def drive(
 ) -> Run:
     """`concurrency` clients asking questions back to back until `total` have been asked.
 
-    aiohttp rather than httpx: on 2 cores shared with the service, httpx's client costs ~2-5 ms of CPU
+    aiohttp rather than httpx: on 2 cores shared with the service, httpx's client cost 1.7-4.7 ms of CPU
     per request at concurrency 32 (it became the bottleneck); aiohttp's costs ~0.2 ms.
     """
     latencies: list[float] = []
