@@ -195,7 +195,7 @@ async def drive(
     """`concurrency` clients asking questions back to back until `total` have been asked.
 
     aiohttp rather than httpx: on 2 cores shared with the service, httpx's client cost 1.7-4.7 ms of CPU
-    per request at concurrency 32 (it became the bottleneck); aiohttp's costs ~0.2 ms.
+    per request at concurrency 8 to 32 (it became the bottleneck); aiohttp's costs ~0.2 ms.
     """
     latencies: list[float] = []
     errors = 0
