@@ -4,8 +4,8 @@ import os
 import platform
 from pathlib import Path
 
-# The vector extensions that set the speed of int8 and fp32 inference: on the same "AMD EPYC, 2 cores" VM
-# kind, a host with AVX-512 VNNI ran the int8 students 1.5x faster than one with AVX2 alone.
+# The vector extensions that set the speed of int8 and fp32 inference: hosts of the same "AMD EPYC, 2 cores"
+# VM kind ran the same int8 students 1.5-2.3x apart (one of them had AVX2 alone, no VNNI).
 VECTOR_FLAGS = {
     "avx2": "AVX2",
     "avx512f": "AVX-512",
