@@ -5,10 +5,12 @@ thread. While a batch runs, the next one fills up; up to `max_inflight` batches 
 questions that just missed a batch need not wait for all of it to finish. Under load (a batch running, or
 questions left queued by the last one) a batch also waits until it holds `max_batch_pairs` pairs or its
 oldest question has waited `max_wait_ms`, whichever comes first; an idle model answers a lone question at once.
+A full queue refuses at once, with the time it should take to drain at the pace of the recent batches.
 """
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -19,6 +21,9 @@ from typing import Generic, Protocol, Self, TypeVar
 from app.serving.metrics import BATCH_PAIRS, BATCH_REQUESTS, ERRORS, QUEUE_TIME
 
 log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_S = 60
+PACE_WEIGHT = 0.3  # weight of the newest batch in the moving average of seconds per pair
 
 
 class Sliceable(Protocol):
@@ -76,7 +81,9 @@ class MicroBatcher(Generic[R]):
         self._arrived = asyncio.Event()
         self._closing = False
         self._under_load = False  # questions were left queued when the last batch finished
-        self._slots = asyncio.Semaphore(max(1, max_inflight))
+        self._max_inflight = max(1, max_inflight)
+        self._slots = asyncio.Semaphore(self._max_inflight)
+        self._seconds_per_pair: float | None = None  # moving average over the recent batches
         self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
@@ -96,7 +103,7 @@ class MicroBatcher(Generic[R]):
             raise BatcherClosedError(f"model {self._model!r} is not being served")
         if len(self._pending) >= self._max_queue:
             ERRORS.labels(self._model, "queue_full").inc()
-            raise QueueFullError(self._model, retry_after_s=1)
+            raise QueueFullError(self._model, retry_after_s=self._drain_seconds())
         item = _Pending(question, passages, asyncio.get_running_loop().create_future())
         self._pending.append(item)
         self._arrived.set()
@@ -156,6 +163,13 @@ class MicroBatcher(Generic[R]):
             except TimeoutError:
                 return
 
+    def _drain_seconds(self) -> int:
+        """Whole seconds the queue takes to drain at the recent pace: 1 until a batch was timed, at most 60."""
+        if self._seconds_per_pair is None:
+            return 1
+        drain = self._queued_pairs() * self._seconds_per_pair / self._max_inflight
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(drain)))
+
     def _queued_pairs(self) -> int:
         return sum(len(item.passages) for item in self._pending)
 
@@ -197,6 +211,9 @@ class MicroBatcher(Generic[R]):
                 if not item.future.done():
                     item.future.set_exception(err)
             return
+        pace = (time.perf_counter() - started) / len(passages)
+        previous = self._seconds_per_pair
+        self._seconds_per_pair = pace if previous is None else previous + PACE_WEIGHT * (pace - previous)
         start = 0
         for item in batch:
             stop = start + len(item.passages)

@@ -26,6 +26,7 @@ class LengthScorer:
 
     def __call__(self, questions: list[str], passages: list[str]) -> PairScores:
         self.release.wait(5)
+        time.sleep(self.delay_s)
         self.threads.add(threading.current_thread().name)
         self.batches.append(list(passages))
         if self.fail_on is not None and self.fail_on in passages:
@@ -175,6 +176,32 @@ def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
     asyncio.run(scenario())
     refusals = {"model": "full", "reason": "queue_full"}
     assert REGISTRY.get_sample_value("qadistill_answer_errors_total", refusals) == 1
+
+
+def test_retry_after_is_how_long_the_queue_takes_to_drain_at_the_recent_pace() -> None:
+    scorer = LengthScorer(delay_s=0.15)  # one pair per batch: 0.15 s a pair
+
+    async def scenario() -> int:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = make_batcher(scorer, pool, "paced", max_batch_pairs=1, max_queue=10, max_wait_ms=0.0)
+            batcher.start()
+            await batcher.submit("q", ["timed"])  # sets the pace
+            scorer.release.clear()
+            running = asyncio.ensure_future(batcher.submit("q", ["running"]))
+            await asyncio.sleep(0.05)
+            queued = [asyncio.ensure_future(batcher.submit("q", ["queued"])) for _ in range(10)]
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFullError) as refused:
+                await batcher.submit("q", ["refused"])
+            for question in queued:  # callers that leave are skipped, not scored
+                question.cancel()
+            scorer.release.set()
+            await running
+            await batcher.aclose()
+            return refused.value.retry_after_s
+
+    # 10 queued pairs at 0.15 s each, one batch at a time: 1.5 s, rounded up.
+    assert asyncio.run(scenario()) == 2
 
 
 def test_a_failing_batch_fails_only_its_own_questions() -> None:
