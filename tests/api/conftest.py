@@ -1,7 +1,6 @@
 """API tests: the real application on a fresh PostgreSQL database and a private Redis broker, no worker."""
 
 import json
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,9 +15,8 @@ from app.db.session import session_scope
 from app.main import create_app
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.settings import Settings
+from tests.broker import private_broker
 from tests.pg import fresh_database
-
-REDIS_URL = os.environ.get("QADISTILL_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +42,7 @@ def settings(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     settings = Settings(
         home=home,
         database_url=pg_url,
-        broker_url=f"{REDIS_URL}/{secrets.randbelow(15) + 1}",
-        broker_key_prefix=f"qadistill-test-{secrets.token_hex(4)}:",
+        **private_broker("qadistill-test"),
         artifacts_url=str(home / "artifacts"),
         max_upload_bytes=64 * 1024,
     )

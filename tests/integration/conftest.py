@@ -6,7 +6,6 @@
 
 import json
 import os
-import secrets
 import subprocess
 import tempfile
 import time
@@ -24,10 +23,10 @@ from app.embedded import start_worker, stop_worker
 from app.main import create_app
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.settings import Settings
+from tests.broker import private_broker
 from tests.pg import fresh_database
 from tests.unit.helpers import make_tiny_base
 
-REDIS_URL = os.environ.get("QADISTILL_TEST_REDIS", "redis://127.0.0.1:6379")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 # The tiny test models live in pytest's temp folders: allow job specs to name folders there (here and in the
@@ -85,8 +84,7 @@ def _postgres_settings(home: Path) -> Iterator[Settings]:
         settings = Settings(
             home=home,
             database_url=database_url,
-            broker_url=f"{REDIS_URL}/{secrets.randbelow(15) + 1}",
-            broker_key_prefix=f"qadistill-it-{secrets.token_hex(4)}:",
+            **private_broker("qadistill-it"),
             artifacts_url=str(home / "artifacts"),
         )
         try:
