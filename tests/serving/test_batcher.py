@@ -23,8 +23,10 @@ class LengthScorer:
         self.fail_on = fail_on
         self.release = threading.Event()
         self.release.set()
+        self.entered = threading.Event()  # set when a batch is handed over
 
     def __call__(self, questions: list[str], passages: list[str]) -> PairScores:
+        self.entered.set()
         self.release.wait(5)
         time.sleep(self.delay_s)
         self.threads.add(threading.current_thread().name)
@@ -33,6 +35,11 @@ class LengthScorer:
             raise ValueError(f"cannot score {self.fail_on!r}")
         scores = np.array([len(p) + len(q) / 1000 for q, p in zip(questions, passages, strict=True)])
         return PairScores(scores, scores[:, None], scores[:, None, None])
+
+
+async def until_set(event: threading.Event) -> None:
+    """Wait, off the event loop, until a scoring thread sets `event` (a fixed sleep can be too short on busy cores)."""
+    assert await asyncio.to_thread(event.wait, 5), "the batch never reached the scorer"
 
 
 def make_batcher(scorer: LengthScorer, executor: ThreadPoolExecutor, model: str, **limits: float) -> MicroBatcher:
@@ -108,7 +115,7 @@ def test_under_load_a_batch_waits_for_more_questions() -> None:
             batcher = make_batcher(scorer, pool, "loaded", max_wait_ms=1000.0)
             batcher.start()
             first = asyncio.ensure_future(batcher.submit("q1", ["first"]))
-            await asyncio.sleep(0.05)  # q1's batch is running (held by the scorer)
+            await until_set(scorer.entered)  # q1's batch is running (held by the scorer)
             second = asyncio.ensure_future(batcher.submit("q2", ["second"]))
             await asyncio.sleep(0.05)
             scorer.release.set()
@@ -123,10 +130,12 @@ def test_under_load_a_batch_waits_for_more_questions() -> None:
 
 def test_a_question_that_missed_a_running_batch_does_not_wait_for_it() -> None:
     held = threading.Event()
+    slow_started = threading.Event()
     scorer = LengthScorer()
 
     def score(questions: list[str], passages: list[str]) -> PairScores:
         if "slow" in passages:
+            slow_started.set()
             held.wait(5)
         return scorer(questions, passages)
 
@@ -143,7 +152,7 @@ def test_a_question_that_missed_a_running_batch_does_not_wait_for_it() -> None:
             )
             batcher.start()
             slow = asyncio.ensure_future(batcher.submit("q1", ["slow"]))
-            await asyncio.sleep(0.05)
+            await until_set(slow_started)
             fast = await asyncio.wait_for(batcher.submit("q2", ["fast"]), timeout=2)
             slow_still_running = not slow.done()
             held.set()
@@ -163,7 +172,7 @@ def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
             batcher = make_batcher(scorer, pool, "full", max_queue=2, max_wait_ms=0.0)
             batcher.start()
             first = asyncio.ensure_future(batcher.submit("q", ["running"]))
-            await asyncio.sleep(0.05)
+            await until_set(scorer.entered)
             queued = [asyncio.ensure_future(batcher.submit("q", ["queued"])) for _ in range(2)]
             await asyncio.sleep(0)
             with pytest.raises(QueueFullError) as refused:
@@ -187,8 +196,9 @@ def test_retry_after_is_how_long_the_queue_takes_to_drain_at_the_recent_pace() -
             batcher.start()
             await batcher.submit("q", ["timed"])  # sets the pace
             scorer.release.clear()
+            scorer.entered.clear()
             running = asyncio.ensure_future(batcher.submit("q", ["running"]))
-            await asyncio.sleep(0.05)
+            await until_set(scorer.entered)
             queued = [asyncio.ensure_future(batcher.submit("q", ["queued"])) for _ in range(10)]
             await asyncio.sleep(0)
             with pytest.raises(QueueFullError) as refused:
