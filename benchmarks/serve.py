@@ -6,7 +6,9 @@ optimised for serving as registration does: whole (`wikiqa-tmkd`), and its first
 generator at concurrency 1, 8 and 32; every request is a WikiQA dev question with 10 candidate passages.
 In the same run it measures the baseline a user would otherwise deploy: the teacher ensemble with plain
 transformers (AutoModelForSequenceClassification), one question at a time, in process (no HTTP, which
-favours it). Prints p50/p95/p99 latency and throughput of each, and the ratios, as a markdown table.
+favours it). Prints p50/p95/p99 latency and throughput of each, and the ratios, as a markdown table,
+with each student's compute ceiling on this machine (scored in process, saturated), which bounds what
+any serving layer could reach at concurrency 32.
 
     python benchmarks/quality.py --preset cpu     # first, once: trains the teachers and the students
     python benchmarks/serve.py [--preset cpu] [--write]
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +44,7 @@ from app.db.models import ModelVersion
 from app.db.session import session_scope
 from app.distill.data import Pair, read_pairs
 from app.services.auth import create_api_key, get_or_create_tenant
+from app.serving.backends import load_runner
 from app.serving.optimize import optimize_for_serving
 from app.settings import Settings
 
@@ -51,6 +55,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "serve.md"
 PASSAGES = 10
 LEVELS = {1: 200, 8: 400, 32: 1200}  # concurrency -> requests measured
 TEACHER_QUESTIONS = 30
+CEILING_QUESTIONS = 480
+INFLIGHT = Settings.model_fields["serve_max_inflight_batches"].default  # the service's default
 # One intra-op thread per inference (members still run side by side, one per core): on 2 cores shared
 # with the load generator, more threads per matrix product only wait for each other.
 SERVE_THREADS = 1
@@ -126,27 +132,56 @@ def first_member_alone(ensemble: Path, out: Path) -> Path:
     return out
 
 
-def prepare_service(students: list[Student], eval_pairs: list[Pair], home: Path) -> tuple[dict[str, str], dict]:
+def prepare_service(
+    students: list[Student], eval_pairs: list[Pair], home: Path
+) -> tuple[dict[str, str], dict[str, dict], dict[str, Path]]:
     """A fresh embedded-mode home with the students registered (optimised as at registration) and an API key.
 
-    Returns the request headers and each student's registration record (manifest "serving").
+    Returns the request headers, each student's registration record (manifest "serving") and its artifact.
     """
     shutil.rmtree(home, ignore_errors=True)
     settings = Settings(home=home)
     upgrade_database(settings.database_url)
-    serving = {}
+    serving, artifacts = {}, {}
     with session_scope(settings.database_url) as session:
         tenant = get_or_create_tenant(session, name="bench")
         _, token = create_api_key(session, tenant=tenant)
         for student in students:
             artifact = Path(settings.artifacts_url) / "models" / student.name / "1"
             shutil.copytree(student.folder, artifact)
+            artifacts[student.name] = artifact
             serving[student.name] = optimize_for_serving(artifact, eval_pairs, threads=SERVE_THREADS)
             session.add(
                 ModelVersion(tenant_id=tenant.id, name=student.name, version=1, artifact_uri=str(artifact), metrics={})
             )
         session.commit()
-    return {"Authorization": f"Bearer {token}"}, serving
+    return {"Authorization": f"Bearer {token}"}, serving, artifacts
+
+
+def compute_ceiling(artifact: Path, requests: list[tuple[str, list[str]]]) -> float:
+    """Questions per second the served form scores in process when saturated: no HTTP, no load generator.
+
+    Batches are formed as the service forms them at the highest concurrency (its clients' questions split
+    over the batches in flight), and as many run at once. With N clients each keeping a request open, the
+    mean latency is N / throughput (Little's law), so N / this ceiling is a floor on it on this machine.
+    """
+    per_batch = max(LEVELS) // INFLIGHT
+    asked = [requests[i % len(requests)] for i in range(CEILING_QUESTIONS)]
+    batches = [asked[i : i + per_batch] for i in range(0, len(asked), per_batch)]
+    runner = load_runner(artifact, threads=SERVE_THREADS)
+
+    def score(batch: list[tuple[str, list[str]]]) -> None:
+        runner.score([q for q, passages in batch for _ in passages], [p for _, passages in batch for p in passages])
+
+    try:
+        with ThreadPoolExecutor(INFLIGHT) as pool:
+            list(pool.map(score, batches[:INFLIGHT]))  # warm-up
+            started = time.perf_counter()
+            list(pool.map(score, batches))
+            seconds = time.perf_counter() - started
+    finally:
+        runner.close()
+    return len(asked) / seconds
 
 
 def start_server(home: Path, port: int) -> subprocess.Popen:
@@ -241,7 +276,9 @@ def measure_students(
     shared cores one run's tail can be twice another's.
     """
     home = CACHE / "serve-home"
-    headers, serving = prepare_service(students, eval_pairs, home)
+    headers, serving, artifacts = prepare_service(students, eval_pairs, home)
+    for student in students:
+        serving[student.name]["ceiling_qps"] = compute_ceiling(artifacts[student.name], requests)
     port = free_port()
     server = start_server(home, port)
     runs = []
@@ -334,8 +371,8 @@ def describe_student(student: Student, serving: dict) -> str:
     )
 
 
-def verdicts(student: str, runs: list[Run], teacher: Run) -> list[str]:
-    """Whether `student`'s runs meet each target."""
+def verdicts(student: str, runs: list[Run], teacher: Run, ceiling_qps: float) -> list[str]:
+    """Whether `student`'s runs meet each target, and the floor this machine puts under the last one."""
     at = {run.concurrency: run for run in runs}
     best = max(runs, key=lambda r: r.throughput)
     checks = [
@@ -355,7 +392,14 @@ def verdicts(student: str, runs: list[Run], teacher: Run) -> list[str]:
             at[32].errors == 0 and at[32].percentile(99) <= TARGET_P99_MS_AT_32,
         ),
     ]
-    return [f"- {student}: {name}: {value}: {'MET' if ok else 'NOT MET'}" for name, value, ok in checks]
+    concurrency = max(LEVELS)
+    floor = (
+        f"- {student}: compute ceiling in process (no HTTP, no load generator; batches of "
+        f"{concurrency // INFLIGHT} questions, as many in flight as the service "
+        f"runs): {ceiling_qps:.1f} questions/s, so at concurrency {concurrency} the mean latency cannot fall "
+        f"below {concurrency} / {ceiling_qps:.1f} = {1000 * concurrency / ceiling_qps:.0f} ms on this machine"
+    )
+    return [*(f"- {student}: {name}: {value}: {'MET' if ok else 'NOT MET'}" for name, value, ok in checks), floor]
 
 
 def render(students: list[Student], runs: list[Run], teacher: Run, serving: dict, load: tuple[str, str]) -> str:
@@ -387,7 +431,9 @@ def render(students: list[Student], runs: list[Run], teacher: Run, serving: dict
     checks = [
         line
         for s in students
-        for line in verdicts(s.name, [r for r in runs if r.system.startswith(f"{s.name} ")], teacher)
+        for line in verdicts(
+            s.name, [r for r in runs if r.system.startswith(f"{s.name} ")], teacher, serving[s.name]["ceiling_qps"]
+        )
     ]
     return "\n".join([*notes, "", *lines, "", *checks])
 
