@@ -4,8 +4,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from app.distill.data import Pair
 from app.distill.metrics import ranking_metrics
+from app.serving import optimize
 from app.serving.backends import CPU_BACKENDS, ONNX_FILES, load_runner
 from app.serving.optimize import optimize_for_serving
 
@@ -36,3 +39,19 @@ def test_chosen_backend_is_the_fastest_acceptable_and_keeps_map(
     assert served_map >= serving["map_fp32"] - 0.005
     kept = {f.name for f in folder.glob("member-*/*.onnx")}
     assert kept == ({ONNX_FILES[serving["backend"]]} if serving["backend"] in ONNX_FILES else set())
+
+
+def test_a_busy_spell_during_timing_weighs_on_every_candidate_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two equally fast candidates; the CPU is busy (5x slower) for the 30 runs after the warm-up rounds.
+    # Timed one after the other, the first would take the whole spell and lose; taking turns, neither does.
+    clock = {"now": 0.0, "runs": 0}
+
+    class Candidate:
+        def score(self, questions: list[str], passages: list[str]) -> None:
+            clock["runs"] += 1
+            clock["now"] += 0.005 if 4 < clock["runs"] <= 34 else 0.001
+
+    monkeypatch.setattr(optimize.time, "perf_counter", lambda: clock["now"])
+    times = optimize.time_interleaved({"a": Candidate(), "b": Candidate()}, "q", ["p"] * 10)
+
+    assert times["a"] == pytest.approx(times["b"])
