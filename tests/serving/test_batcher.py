@@ -211,7 +211,7 @@ def test_retry_after_is_how_long_the_queue_takes_to_drain_at_the_recent_pace() -
             return refused.value.retry_after_s
 
     # 10 queued pairs at 0.11 s each, one batch at a time: 1.1 s, rounded up. The timed batch may overrun
-    # its sleep by up to 90 ms on busy cores and still give 2 (at 0.15 s a pair the margin was 50 ms).
+    # its sleep by up to 90 ms on busy cores and still give 2.
     assert asyncio.run(scenario()) == 2
 
 
