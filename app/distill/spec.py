@@ -35,8 +35,8 @@ class TeacherSpec(_Strict):
     epochs: float = Field(1.0, gt=0, le=50)
     batch_size: int = Field(16, ge=1, le=1024)
     max_length: int = Field(128, ge=8, le=512)
-    seed: int = Field(0, ge=0)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    max_steps: int | None = Field(None, ge=1, le=2**31 - 1, description="Stop after this many optimiser steps.")
 
 
 class StudentSpec(_Strict):
@@ -48,7 +48,7 @@ class StudentSpec(_Strict):
         description="Model to copy embeddings and layers from (a base name, a folder or a teacher's name); "
         "null trains from scratch with the sizes below and the tokenizer of the first teacher.",
     )
-    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+    layers: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
         None, description="Which encoder layers of init_from to keep, e.g. [0, 2, 4]; null keeps num_layers."
     )
     num_layers: int = Field(3, ge=1, le=24)
@@ -76,7 +76,7 @@ class StageSpec(_Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0, le=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    max_steps: int | None = Field(None, ge=1, le=2**31 - 1, description="Stop after this many optimiser steps.")
 
 
 class DataSpec(_Strict):
@@ -99,8 +99,10 @@ class PipelineSpec(_Strict):
     stage1: StageSpec = StageSpec()
     stage2: StageSpec = StageSpec()
     ensemble_size: int = Field(1, ge=1, le=8, description="M-on-M: students per variant, scores averaged.")
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N optimiser steps (and at stage end).")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    checkpoint_every: int = Field(
+        100, ge=1, le=2**31 - 1, description="Checkpoint every N optimiser steps (and at stage end)."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
