@@ -5,11 +5,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import answer, datasets, health, jobs, models
-from app.api.errors import install_error_handlers
+from app.api.deps import reject_nul_characters
+from app.api.errors import RequestIds, install_error_handlers
 from app.api.lookup import VersionLookup
 from app.db.migrate import upgrade_database
 from app.db.session import make_engine, make_sessionmaker
@@ -52,7 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # answer with their precise errors; past it the body is cut off with 413 before it is all read.
     body_cap = 2 * max(settings.max_request_bytes, settings.max_upload_bytes + datasets.FORM_OVERHEAD)
     app = FastAPI(
-        title="qadistill", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, max_body_size=body_cap
+        title="qadistill",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=body_cap,
+        dependencies=[Depends(reject_nul_characters)],
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -63,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = ServingRuntime(settings, fetch_dir=lambda uri: app.state.store.local_dir(uri, model_cache))
     app.state.version_lookup = VersionLookup(app.state.sessionmaker, ttl_s=settings.serve_lookup_ttl_s)
     install_error_handlers(app)
-    app.add_middleware(health.RequestMetrics)
+    app.add_middleware(RequestIds)
+    app.add_middleware(health.RequestMetrics)  # outermost: it counts the 500s that RequestIds renders
     for router in (health.router, datasets.router, jobs.router, models.router, answer.router):
         app.include_router(router)
     return app

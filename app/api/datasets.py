@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from app.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, StoreDep, declared_length
 from app.api.schemas import DatasetList, DatasetPublic, ErrorBody
 from app.services import datasets as service
 from app.services.errors import ApiError
@@ -98,8 +98,8 @@ async def upload_dataset(
     Uploading the same content again returns the existing dataset with status 200.
     """
     limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
+    declared = declared_length(request)
+    if declared is not None and declared > limit + FORM_OVERHEAD:
         raise _too_large(limit)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(422, "invalid_request", "file: send multipart/form-data with a 'file' part", "file")

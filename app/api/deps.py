@@ -3,10 +3,11 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.db.base import INTEGER_MAX
 from app.db.models import Tenant
 from app.services.auth import authenticate
 from app.services.errors import ApiError
@@ -42,10 +43,27 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
+async def reject_nul_characters(request: Request) -> None:
+    """422 naming the parameter when a path or query parameter holds a NUL character.
+
+    No id or name contains one, and PostgreSQL refuses one in any text it is asked to compare.
+    """
+    for params in (request.path_params, request.query_params):
+        for name, value in params.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise ApiError(422, "invalid_request", f"{name}: must not contain a NUL character", name)
+
+
+def declared_length(request: Request) -> int | None:
+    """The request's Content-Length when it is a plain decimal number (`str.isdigit` also takes '²')."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isascii() and declared.isdigit() else None
+
+
 async def check_body_size(request: Request, settings: SettingsDep) -> None:
     """422 when the request body is larger than max_request_bytes."""
-    declared = request.headers.get("content-length")
-    too_big = declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes
+    declared = declared_length(request)
+    too_big = declared is not None and declared > settings.max_request_bytes
     if too_big or len(await request.body()) > settings.max_request_bytes:
         raise ApiError(
             422,
@@ -90,3 +108,4 @@ async def get_page(
 
 
 PageDep = Annotated[PageRequest, Depends(get_page)]
+VersionNumber = Annotated[int, Path(ge=1, le=INTEGER_MAX, description="A version number of the model.")]

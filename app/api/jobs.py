@@ -19,6 +19,7 @@ from app.api.schemas import (
     JobMetrics,
     JobPublic,
 )
+from app.db.base import INTEGER_MAX
 from app.db.models import Job
 from app.distill.spec import PipelineSpec
 from app.services import jobs as service
@@ -111,10 +112,12 @@ async def job_events(
     request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    after: Annotated[int, Query(ge=0, le=INTEGER_MAX, description="Only events with a larger id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     follow: Annotated[bool, Query(description="Stream events as Server-Sent Events until the job ends.")] = False,
-    last_event_id: Annotated[int | None, Header(description="SSE resume point (overrides `after`).")] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=INTEGER_MAX, description="SSE resume point (overrides `after`).")
+    ] = None,
 ) -> Any:
     """The job's milestones oldest first; with follow=true a text/event-stream that ends with the job.
 

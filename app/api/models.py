@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import CurrentTenant, PageDep, SessionDep
+from app.api.deps import CurrentTenant, PageDep, SessionDep, VersionNumber
 from app.api.schemas import AliasPublic, AliasUpdate, ErrorBody, ModelVersionList, ModelVersionPublic
 from app.services import registry
 
@@ -32,7 +32,9 @@ def get_version(ref: str, tenant: CurrentTenant, session: SessionDep) -> ModelVe
 
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionPublic, responses=_ERRORS, summary="Get a version")
-def get_numbered_version(name: str, version: int, tenant: CurrentTenant, session: SessionDep) -> ModelVersionPublic:
+def get_numbered_version(
+    name: str, version: VersionNumber, tenant: CurrentTenant, session: SessionDep
+) -> ModelVersionPublic:
     """Version `version` of model `name`."""
     return ModelVersionPublic.of(registry.get_version(session, tenant_id=tenant.id, name=name, version=version))
 

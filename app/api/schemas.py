@@ -5,6 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.db.base import INTEGER_MAX
 from app.db.models import Alias, Dataset, Job, JobEvent, ModelVersion
 
 
@@ -138,7 +139,7 @@ class ModelVersionList(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    version: int = Field(ge=1, description="The version the alias should point at.")
+    version: int = Field(ge=1, le=INTEGER_MAX, description="The version the alias should point at.")
 
 
 class AliasPublic(BaseModel):

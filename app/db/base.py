@@ -18,6 +18,11 @@ NAMING_CONVENTION = {
 }
 
 
+# The largest value an Integer column holds (PostgreSQL's int4): numbers a request compares with one are bounded
+# by it, since PostgreSQL refuses a larger parameter with an error rather than finding no row.
+INTEGER_MAX = 2**31 - 1
+
+
 class Base(DeclarativeBase):
     """Base class of every model."""
 

@@ -2,6 +2,7 @@
 
 import logging
 import re
+import sys
 from pathlib import Path
 
 from sqlalchemy import select
@@ -79,6 +80,12 @@ def create_dataset(
         if err.line and not err.field:
             where = f"line {err.line}"
         raise ApiError(422, "invalid_file", f"{filename}: {where}: {err.message}", "file") from err
+    except RecursionError as err:
+        raise ApiError(422, "invalid_file", f"{filename}: a value is nested too deeply", "file") from err
+    except ValueError as err:
+        # Not a DataError: json.loads refusing an integer longer than Python converts, with a plain ValueError.
+        limit = sys.get_int_max_str_digits()
+        raise ApiError(422, "invalid_file", f"{filename}: a number has more than {limit} digits", "file") from err
     labelled = all(pair.label is not None for pair in result.pairs)
     uri = store.put_file(local_path, f"{tenant.id}/datasets/{sha256}.{fmt}")
     dataset = Dataset(
@@ -116,6 +123,8 @@ def _settle_upload_race(
 
 def find_dataset(session: Session, *, tenant_id: str, ref: str) -> Dataset | None:
     """The tenant's dataset with id or name `ref`."""
+    if "\x00" in ref:  # no id or name holds one, and PostgreSQL refuses to compare text that does
+        return None
     by_id = session.scalar(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.id == ref))
     if by_id is not None:
         return by_id

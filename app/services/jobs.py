@@ -46,6 +46,8 @@ def check_model_sources(spec: PipelineSpec, *, model_dirs: Sequence[Path]) -> No
     for param, source in sources:
         if source is None or is_known_model(source):
             continue
+        if "\x00" in source:
+            raise ApiError(422, "invalid_request", f"{param}: must not contain a NUL character", param)
         if not any(Path(source).resolve().is_relative_to(root) for root in roots):
             raise ApiError(
                 422,

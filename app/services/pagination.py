@@ -3,7 +3,7 @@
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, or_
@@ -29,12 +29,19 @@ def encode_cursor(created_at: datetime, row_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """The (created_at, id) a cursor points after; 422 on a cursor this service did not hand out."""
+    """The (created_at, id) a cursor points after; 422 on a cursor this service did not hand out.
+
+    A cursor is the client's to forge: anything but a UTC-convertible date and a plain id is refused here,
+    since the database would otherwise fail on it (a date out of range, a NUL in the id).
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, row_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), str(row_id)
-    except (ValueError, TypeError) as exc:
+        if not isinstance(row_id, str) or "\x00" in row_id:
+            raise ValueError("the id is not a plain string")
+        after = datetime.fromisoformat(created_at)
+        return (after.astimezone(UTC) if after.tzinfo else after.replace(tzinfo=UTC)), row_id
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ApiError(422, "invalid_request", "cursor: not a cursor from a previous page", "cursor") from exc
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.base import utcnow
+from app.db.base import INTEGER_MAX, utcnow
 from app.db.models import Alias, ModelVersion
 from app.services.errors import ApiError
 from app.services.pagination import PageRequest, paginate
@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "production"
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_VERSION_NUMBER = re.compile(r"[0-9]{1,10}")
 
 
 def _not_found(ref: str) -> ApiError:
@@ -39,7 +40,8 @@ def resolve_version(session: Session, *, tenant_id: str, ref: str) -> ModelVersi
     """The version `ref` names: `name` (its `production` alias, else latest), `name@alias`, `name:version`."""
     if ":" in ref:
         name, _, number = ref.partition(":")
-        if not number.isdigit():
+        # ASCII digits only (`str.isdigit` also takes '²', which int() refuses), and no more than a column holds.
+        if not _VERSION_NUMBER.fullmatch(number) or int(number) > INTEGER_MAX:
             raise _not_found(ref)
         return get_version(session, tenant_id=tenant_id, name=name, version=int(number))
     name, _, alias = ref.partition("@")

@@ -129,3 +129,12 @@ def upload(client: TestClient) -> Callable[..., Any]:
         return client.post("/v1/datasets", headers=caller.headers, files={"file": (filename, content)}, data=fields)
 
     return send
+
+
+@pytest.fixture
+def datasets(alice: Caller, upload: Callable[..., Any], pairs_jsonl: Callable[..., bytes]) -> dict[str, Any]:
+    """A labelled `train` and `eval` and an unlabelled `pool` dataset of alice's."""
+    train = upload(alice, pairs_jsonl(4, "t"), name="train").json()
+    evaluation = upload(alice, pairs_jsonl(3, "e"), name="eval").json()
+    pool = upload(alice, b"question,passage\nwho?,me\nwhy?,because\n", "pool.csv").json()
+    return {"train": train, "eval": evaluation, "pool": pool}

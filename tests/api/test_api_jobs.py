@@ -9,15 +9,6 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 
 
-@pytest.fixture
-def datasets(alice, upload, pairs_jsonl):
-    """A labelled `train` and `eval` and an unlabelled `pool` dataset of alice's."""
-    train = upload(alice, pairs_jsonl(4, "t"), name="train").json()
-    evaluation = upload(alice, pairs_jsonl(3, "e"), name="eval").json()
-    pool = upload(alice, b"question,passage\nwho?,me\nwhy?,because\n", "pool.csv").json()
-    return {"train": train, "eval": evaluation, "pool": pool}
-
-
 def make_spec(**overrides):
     spec = {
         "name": "tiny",
