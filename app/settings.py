@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     max_passage_chars: int = 4000
     max_question_chars: int = 1000
 
+    # Quotas.
+    max_active_jobs: int = Field(
+        4, ge=1, description="Jobs one tenant may have queued or running at once; beyond it, 429 with Retry-After."
+    )
+
     # Serving.
     serve_max_batch_pairs: int = 512
     serve_max_wait_ms: float = 5.0

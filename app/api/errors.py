@@ -33,6 +33,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
+    429: "too_many_requests",
 }
 # The statuses whose error names the body (FastAPI answers 400 for a JSON body it cannot parse: nested too
 # deeply, or a number with too many digits).

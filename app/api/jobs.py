@@ -28,6 +28,10 @@ from app.services.queue import enqueue_job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 503)}
+_SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    429: {"model": ErrorBody, "description": "Too many jobs queued or running; retry after Retry-After seconds."},
+}
 _FOLLOW_POLL_S = 0.5
 JobStatus = Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"]
 
@@ -43,7 +47,7 @@ def _public(session: Session, job: Job) -> JobPublic:
     dependencies=[Depends(check_body_size)],
     responses={
         200: {"model": JobPublic, "description": "A retried request with the same Idempotency-Key."},
-        **_ERRORS,
+        **_SUBMIT_ERRORS,
     },
     summary="Submit a distillation job",
 )
@@ -63,13 +67,15 @@ def submit_job(
     Loss conventions: `distill.alpha` weighs the soft (teacher) term, L = (1 - alpha) * CE(hard)
     + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)); the T^2 keeps gradients on scale.
     """
-    service.check_model_sources(spec, model_dirs=request.app.state.settings.model_dirs)
+    settings = request.app.state.settings
+    service.check_model_sources(spec, model_dirs=settings.model_dirs)
     celery = request.app.state.celery
     job, created = service.submit_job(
         session,
         lambda job_id, task_id: enqueue_job(celery, job_id, task_id),
         tenant=tenant,
         spec=spec,
+        max_active=settings.max_active_jobs,
         idempotency_key=idempotency_key,
     )
     response.status_code = 201 if created else 200

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,6 +26,8 @@ Enqueue = Callable[[str, str], None]
 """Sends the task of a job: (job_id, task_id) -> None; raises when the broker is unreachable."""
 
 DATA_ROLES = ("train", "eval", "unlabeled")
+# Jobs take minutes: a client refused by the quota learns to come back in half a minute rather than spin.
+QUOTA_RETRY_AFTER_S = 30
 LABELLED_ROLES = frozenset({"train", "eval"})
 
 
@@ -95,21 +97,45 @@ def _check_same_request(job: Job, fingerprint: str) -> Job:
     return job
 
 
+def check_quota(session: Session, *, tenant: Tenant, max_active: int) -> None:
+    """429 with Retry-After when the tenant already has `max_active` jobs queued or running.
+
+    Takes the tenant's row lock first (PostgreSQL), so that concurrent submissions are counted one at a time
+    until the caller commits; SQLite serialises writers anyway.
+    """
+    session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.not_in(FINISHED_STATUSES))
+    )
+    if (active or 0) >= max_active:
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"at most {max_active} jobs may be queued or running at once; wait for one to finish or cancel one",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
+
+
 def submit_job(
     session: Session,
     enqueue: Enqueue,
     *,
     tenant: Tenant,
     spec: PipelineSpec,
+    max_active: int,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Create a queued job and send its task; returns (job, created). A retried key returns the first job."""
+    """Create a queued job and send its task; returns (job, created). A retried key returns the first job.
+
+    422 naming the field for a spec this tenant cannot run; 429 past `max_active` unfinished jobs.
+    """
     fingerprint = request_fingerprint(spec)
     if idempotency_key:
         existing = _find_by_key(session, tenant_id=tenant.id, key=idempotency_key)
         if existing is not None:
             return _check_same_request(existing, fingerprint), False
     dataset_ids = resolve_datasets(session, tenant_id=tenant.id, spec=spec)
+    check_quota(session, tenant=tenant, max_active=max_active)
     stored_spec = spec.model_copy(update={"data": spec.data.model_copy(update=dataset_ids)})
     job = Job(
         tenant_id=tenant.id,

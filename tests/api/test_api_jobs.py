@@ -134,13 +134,13 @@ def test_oversized_job_body_is_refused_naming_the_body(client, alice, datasets, 
 
 
 def test_cursor_pagination_and_status_filter(client, alice, datasets):
-    ids = [submit(client, alice, make_spec(seed=i)).json()["id"] for i in range(5)]
+    ids = [submit(client, alice, make_spec(seed=i)).json()["id"] for i in range(4)]  # the default quota
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice.headers)
     seen, cursor = [], None
     while True:
-        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
         page = client.get("/v1/jobs", headers=alice.headers, params=params).json()
-        assert len(page["data"]) <= 2
+        assert len(page["data"]) <= 3
         seen += [j["id"] for j in page["data"]]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -217,3 +217,27 @@ def test_unreachable_queue_is_503_and_leaves_no_job(client, alice, datasets, set
     assert response.json()["error"]["code"] == "queue_unavailable"
     assert job_count(client, alice) == 0
     assert submit(client, alice, make_spec(), key="during-outage").status_code == 201
+
+
+def test_past_the_quota_a_job_is_429_with_retry_after_until_one_ends(client, alice, datasets, settings):
+    quota = settings.max_active_jobs
+    first = submit(client, alice, make_spec(seed=0), key="first").json()
+    for seed in range(1, quota):
+        assert submit(client, alice, make_spec(seed=seed)).status_code == 201
+    refused = submit(client, alice, make_spec(seed=quota))
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["Retry-After"]) > 0
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert job_count(client, alice) == quota
+    retried = submit(client, alice, make_spec(seed=0), key="first")
+    assert (retried.status_code, retried.json()["id"]) == (200, first["id"]), "a retry is not a new job"
+    client.post(f"/v1/jobs/{first['id']}/cancel", headers=alice.headers)
+    assert submit(client, alice, make_spec(seed=quota)).status_code == 201
+
+
+def test_one_tenants_quota_does_not_limit_another(client, alice, bob, datasets, upload, pairs_jsonl, settings):
+    for seed in range(settings.max_active_jobs):
+        submit(client, alice, make_spec(seed=seed))
+    upload(bob, pairs_jsonl(4, "bt"), name="train")
+    upload(bob, pairs_jsonl(3, "be"), name="eval")
+    assert submit(client, bob, make_spec()).status_code == 201
