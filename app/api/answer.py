@@ -11,6 +11,7 @@ from app.api.deps import SettingsDep, bearer, bearer_token, check_body_size
 from app.api.lookup import VersionLookup
 from app.api.schemas import ErrorBody
 from app.services.errors import ApiError
+from app.services.redact import redact_text
 from app.serving.batcher import QueueFullError
 from app.serving.runtime import ModelLoadError, ServedVersion, ServingRuntime
 from app.settings import Settings
@@ -99,7 +100,7 @@ async def answer(
     try:
         result = await runtime.answer(version, body.question, body.passages, top_k=body.top_k, explain=body.explain)
     except ModelLoadError as err:
-        raise ApiError(500, "model_unavailable", str(err)) from err
+        raise ApiError(500, "model_unavailable", redact_text(str(err))) from err
     except QueueFullError as err:
         # Rendered here rather than raised: the error handlers do not carry headers.
         return JSONResponse(

@@ -18,6 +18,7 @@ router = APIRouter(tags=["health"])
 
 REQUESTS = Counter("qadistill_http_requests_total", "HTTP requests.", ["method", "route", "status"])
 LATENCY = Histogram("qadistill_http_request_seconds", "HTTP request latency.", ["method", "route"])
+# All tenants together: /metrics needs no API key, so nothing here is broken down by tenant or model.
 JOBS = Gauge("qadistill_jobs", "Jobs by status (all tenants), computed at scrape.", ["status"])
 
 
@@ -29,7 +30,10 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness", responses={503: {"description": "A dependency is unreachable."}})
 def readyz(request: Request) -> JSONResponse:
-    """The database and the broker are reachable; lists the models loaded for serving."""
+    """The database and the broker are reachable; how many models are loaded for serving.
+
+    Counts only: this route needs no API key, so it names no tenant's model.
+    """
     checks: dict[str, str] = {}
     try:
         with request.app.state.sessionmaker() as session:
@@ -45,7 +49,8 @@ def readyz(request: Request) -> JSONResponse:
         log.warning("readiness: broker unreachable: %s", exc)
         checks["broker"] = f"error: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    body = {"status": "ok" if ready else "unavailable", **checks, "models": request.app.state.serving.loaded()}
+    loaded = len(request.app.state.serving.loaded())
+    body = {"status": "ok" if ready else "unavailable", **checks, "models_loaded": loaded}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -24,6 +24,7 @@ from app.db.models import Job
 from app.distill.spec import PipelineSpec
 from app.services import jobs as service
 from app.services.queue import enqueue_job
+from app.services.redact import redact_json
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -165,4 +166,4 @@ def job_metrics(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobM
     """Training curves per stage (loss by step) and, once succeeded, the final evaluation report."""
     job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
     curves = [Curve(**c) for c in service.job_curves(session, job_id=job.id)]
-    return JobMetrics(curves=curves, final=job.report)
+    return JobMetrics(curves=curves, final=redact_json(job.report))

@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from app.db.base import INTEGER_MAX
 from app.db.models import Alias, Dataset, Job, JobEvent, ModelVersion
+from app.services.redact import redact_json, redact_text
 
 
 class ErrorDetail(BaseModel):
@@ -65,7 +66,8 @@ class JobPublic(BaseModel):
     def of(cls, row: Job, model: ModelVersion | None = None) -> "JobPublic":
         error = None
         if row.error_code:
-            error = ErrorDetail(code=row.error_code, message=row.error_message or "", param=row.error_param)
+            message = redact_text(row.error_message or "")
+            error = ErrorDetail(code=row.error_code, message=message, param=row.error_param)
         return cls(
             id=row.id,
             name=row.name,
@@ -97,7 +99,7 @@ class JobEventPublic(BaseModel):
 
     @classmethod
     def of(cls, row: JobEvent) -> "JobEventPublic":
-        return cls.model_validate(row, from_attributes=True)
+        return cls(id=row.id, ts=row.ts, stage=row.stage, level=row.level, message=redact_text(row.message))
 
 
 class JobEventList(BaseModel):
@@ -120,17 +122,25 @@ class JobMetrics(BaseModel):
 
 
 class ModelVersionPublic(BaseModel):
+    """A registered version; where its files lie is the server's business (no path, no tenant id)."""
+
     id: str
     name: str
     version: int
     job_id: str | None
-    artifact_uri: str
     metrics: dict[str, Any]
     created_at: datetime
 
     @classmethod
     def of(cls, row: ModelVersion) -> "ModelVersionPublic":
-        return cls.model_validate(row, from_attributes=True)
+        return cls(
+            id=row.id,
+            name=row.name,
+            version=row.version,
+            job_id=row.job_id,
+            metrics=redact_json(row.metrics),
+            created_at=row.created_at,
+        )
 
 
 class ModelVersionList(BaseModel):

@@ -102,7 +102,7 @@ class MicroBatcher(Generic[R]):
         if self._closing or self._task is None:
             raise BatcherClosedError(f"model {self._model!r} is not being served")
         if len(self._pending) >= self._max_queue:
-            ERRORS.labels(self._model, "queue_full").inc()
+            ERRORS.labels("queue_full").inc()
             raise QueueFullError(self._model, retry_after_s=self._drain_seconds())
         item = _Pending(question, passages, asyncio.get_running_loop().create_future())
         self._pending.append(item)
@@ -193,9 +193,9 @@ class MicroBatcher(Generic[R]):
         questions = [item.question for item in batch for _ in item.passages]
         passages = [passage for item in batch for passage in item.passages]
         for item in batch:
-            QUEUE_TIME.labels(self._model).observe(started - item.enqueued_at)
-        BATCH_REQUESTS.labels(self._model).observe(len(batch))
-        BATCH_PAIRS.labels(self._model).observe(len(passages))
+            QUEUE_TIME.observe(started - item.enqueued_at)
+        BATCH_REQUESTS.observe(len(batch))
+        BATCH_PAIRS.observe(len(passages))
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self._executor, self._score, questions, passages)
@@ -206,7 +206,7 @@ class MicroBatcher(Generic[R]):
             raise
         except Exception as err:
             log.exception("model %s: inference failed on a batch of %d pairs", self._model, len(passages))
-            ERRORS.labels(self._model, "inference").inc(len(batch))
+            ERRORS.labels("inference").inc(len(batch))
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(err)

@@ -138,7 +138,7 @@ class ServingRuntime:
         model, scores = await self._score(version, question, passages)
         ranked = _rank(scores, passages, heads=model.runner.heads, top_k=top_k, explain=explain)
         took = time.perf_counter() - started
-        REQUEST_LATENCY.labels(version.name).observe(took)
+        REQUEST_LATENCY.observe(took)
         return Answer(version, ranked, took * 1000)
 
     async def load(self, version: ServedVersion) -> None:
@@ -166,7 +166,7 @@ class ServingRuntime:
         try:
             runner = await loop.run_in_executor(self._load_pool, self._load_runner, version)
         except Exception as err:
-            ERRORS.labels(version.name, "load").inc()
+            ERRORS.labels("load").inc()
             log.exception("could not load %s:%d from %s", version.name, version.version, version.artifact_uri)
             raise ModelLoadError(
                 f"model {version.name}:{version.version} could not be loaded: {type(err).__name__}: {err}"

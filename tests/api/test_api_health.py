@@ -9,7 +9,7 @@ def test_healthz_and_readyz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "database": "ok", "broker": "ok", "models": []}
+    assert ready.json() == {"status": "ok", "database": "ok", "broker": "ok", "models_loaded": 0}
 
 
 def test_readyz_is_503_when_the_broker_is_down(settings):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from app.db.session import session_scope
+from app.services import registry
 from app.services.demo import DEMO_FILE
 from tests.integration.flow_helpers import follow_events, tiny_spec, unlabelled_slice, upload
 from workers.runner import execute_job
@@ -31,6 +33,7 @@ def test_submit_follow_and_read_metrics_and_model(stack, tiny_base, shared_data)
     assert end_event == "end", stack.worker_log.read_text()[-3000:]
     assert end["status"] == "succeeded", (end, stack.worker_log.read_text()[-3000:])
     assert "started" in event_texts and any(m.startswith("succeeded") for m in event_texts)
+    assert not [m for m in event_texts if str(stack.settings.home.resolve()) in m or alice.tenant_id in m]
     assert end["progress"] == 1.0 and end["error"] is None
     assert end["model"] == {"name": "faq", "version": 1}
     assert end["started_at"] <= end["finished_at"]
@@ -46,7 +49,10 @@ def test_submit_follow_and_read_metrics_and_model(stack, tiny_base, shared_data)
 
     version = stack.client.get("/v1/models/faq", headers=alice.headers).json()
     assert (version["version"], version["job_id"]) == (1, job_id)
-    manifest = json.loads((Path(version["artifact_uri"]) / "manifest.json").read_text())
+    assert "artifact_uri" not in version and alice.tenant_id not in json.dumps(version)
+    with session_scope(stack.settings.database_url) as session:
+        artifact_uri = registry.get_version(session, tenant_id=alice.tenant_id, name="faq", version=1).artifact_uri
+    manifest = json.loads((Path(artifact_uri) / "manifest.json").read_text())
     assert manifest["variant"] == "tmkd" and manifest["heads"] == ["t1", "t2"]
     serving = manifest["serving"]
     assert serving["backend"] in {"torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8"}
@@ -60,7 +66,7 @@ def test_submit_follow_and_read_metrics_and_model(stack, tiny_base, shared_data)
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == {"name": "faq", "version": 1}
     assert sorted(a["index"] for a in answer.json()["answers"]) == [0, 1, 2]
-    assert [(m["name"], m["version"]) for m in stack.client.get("/readyz").json()["models"]] == [("faq", 1)]
+    assert stack.client.get("/readyz").json()["models_loaded"] == 1
 
     # A redelivered task for a finished job changes nothing.
     assert execute_job(job_id, stack.settings) == "skipped"

@@ -47,12 +47,15 @@ def make_batcher(scorer: LengthScorer, executor: ThreadPoolExecutor, model: str,
     return MicroBatcher(scorer, model=model, executor=executor, **options)
 
 
-def batch_requests_count(model: str) -> float:
-    return REGISTRY.get_sample_value("qadistill_batch_requests_count", {"model": model}) or 0.0
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric's value now; the metrics are process-wide (no per-model label), so tests compare deltas."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
 def test_concurrent_questions_are_batched_and_each_gets_its_own_scores() -> None:
     scorer = LengthScorer()
+    batches_before = sample("qadistill_batch_requests_count")
+    questions_before = sample("qadistill_batch_requests_sum")
 
     async def scenario() -> list[PairScores]:
         with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
@@ -69,9 +72,9 @@ def test_concurrent_questions_are_batched_and_each_gets_its_own_scores() -> None
         np.testing.assert_allclose(answer.scores, [i + 1 + 0.002, 10 * (i + 1) + 0.002])
     assert len(scorer.batches) < 8, "eight concurrent questions should share batches"
     assert all(name.startswith("infer") for name in scorer.threads), "scoring must run off the event loop"
-    assert batch_requests_count("batched") == len(scorer.batches)
-    largest = REGISTRY.get_sample_value("qadistill_batch_requests_sum", {"model": "batched"})
-    assert largest > len(scorer.batches), "the batch-size metric shows more than one question per batch"
+    assert sample("qadistill_batch_requests_count") - batches_before == len(scorer.batches)
+    questions = sample("qadistill_batch_requests_sum") - questions_before
+    assert questions > len(scorer.batches), "the batch-size metric shows more than one question per batch"
 
 
 def test_batch_never_exceeds_max_pairs_but_a_large_question_still_runs() -> None:
@@ -165,6 +168,7 @@ def test_a_question_that_missed_a_running_batch_does_not_wait_for_it() -> None:
 
 def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
     scorer = LengthScorer()
+    refusals_before = sample("qadistill_answer_errors_total", {"reason": "queue_full"})
     scorer.release.clear()  # hold the first batch so that the queue fills up behind it
 
     async def scenario() -> None:
@@ -183,8 +187,7 @@ def test_full_queue_refuses_at_once_instead_of_waiting() -> None:
             await batcher.aclose()
 
     asyncio.run(scenario())
-    refusals = {"model": "full", "reason": "queue_full"}
-    assert REGISTRY.get_sample_value("qadistill_answer_errors_total", refusals) == 1
+    assert sample("qadistill_answer_errors_total", {"reason": "queue_full"}) - refusals_before == 1
 
 
 def test_retry_after_is_how_long_the_queue_takes_to_drain_at_the_recent_pace() -> None:

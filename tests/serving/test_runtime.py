@@ -57,6 +57,13 @@ def test_ranking_equals_the_fp32_ensembles_own_scores(
     assert answer.version.version == 1 and answer.took_ms > 0
 
 
+RUNTIME_SAMPLES = (
+    "qadistill_batch_requests_count",
+    "qadistill_batch_requests_sum",
+    "qadistill_answer_latency_seconds_count",
+)
+
+
 def test_concurrent_questions_are_batched_and_each_gets_its_own_ranking(
     tiny_ensemble: Path, eval_pairs: list[Pair], tmp_path: Path
 ) -> None:
@@ -64,18 +71,17 @@ def test_concurrent_questions_are_batched_and_each_gets_its_own_ranking(
     questions = questions_of(eval_pairs)
     version = version_of(tiny_ensemble, name="concurrent")
     runtime = ServingRuntime(make_settings(tmp_path, serve_max_wait_ms=50.0))
-    before = REGISTRY.get_sample_value("qadistill_batch_requests_sum", {"model": "concurrent"}) or 0.0
+    # The metrics are process-wide (no per-model label): compare before and after.
+    before = {name: REGISTRY.get_sample_value(name, {}) or 0.0 for name in RUNTIME_SAMPLES}
 
     answers = asyncio.run(answer_all(runtime, [(version, q, p) for q, p in questions]))
 
     for (question, passages), answer in zip(questions, answers, strict=True):
         own = ensemble.score_pairs([question] * len(passages), passages).scores
         assert [r.index for r in answer.passages] == list(np.argsort(-own, kind="stable"))
-    batches = REGISTRY.get_sample_value("qadistill_batch_requests_count", {"model": "concurrent"})
-    merged = REGISTRY.get_sample_value("qadistill_batch_requests_sum", {"model": "concurrent"}) - before
+    batches, merged, latency = ((REGISTRY.get_sample_value(name, {}) or 0.0) - before[name] for name in RUNTIME_SAMPLES)
     assert merged == len(questions)
     assert batches < len(questions), "concurrent questions should share inference batches"
-    latency = REGISTRY.get_sample_value("qadistill_answer_latency_seconds_count", {"model": "concurrent"})
     assert latency == len(questions)
 
 
