@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from app.db.session import session_scope
-from app.services import job_runs
+from app.services import job_runs, jobs
 from app.services.registry import register_version
 from app.settings import Settings
 from app.storage import ArtifactStore
@@ -119,13 +119,18 @@ def execute_job(job_id: str, settings: Settings) -> str:
             local = store.local_file(dataset.artifact_uri, settings.cache_dir)
             paths[role] = str(local)
             names_by_path[str(local)] = f"data.{role}"
-        spec = PipelineSpec.model_validate({**spec_data, "data": {**spec_data["data"], **paths}})
+        spec = PipelineSpec.model_validate({**spec_data, "data": {**spec_data["data"], **jobs.spec_data(paths)}})
+        eval_names = jobs.spec_data({role: dataset.name for role, dataset in datasets.items()})["eval"]
         result = run_pipeline(
-            spec, out_dir=settings.work_dir / job_id, cache_dir=settings.cache_dir, hooks=reporter.hooks()
+            spec,
+            out_dir=settings.work_dir / job_id,
+            cache_dir=settings.cache_dir,
+            hooks=reporter.hooks(),
+            eval_names=eval_names,
         )
         # The fastest serving form that keeps MAP within bounds, chosen once here rather than at load time.
         serving = optimize_for_serving(
-            result.model_dir, read_pairs(spec.data.eval).pairs, threads=settings.serve_threads
+            result.model_dir, read_pairs(spec.data.eval[0]).pairs, threads=settings.serve_threads
         )
         reporter.on_event(
             "register",

@@ -349,6 +349,64 @@ def _tokenize_with_long_questions(
     return merged
 
 
+@dataclass
+class SeparateEncodings:
+    """Questions and passages tokenised apart (for bi-encoders); `collate` pads each side on its own."""
+
+    questions: EncodedPairs
+    passages: EncodedPairs
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every pair, both sides."""
+        return self.questions.lengths() + self.passages.lengths()
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """q_input_ids, q_attention_mask, p_input_ids, p_attention_mask of these pairs."""
+        q, p = self.questions.collate(indices), self.passages.collate(indices)
+        return {
+            "q_input_ids": q["input_ids"],
+            "q_attention_mask": q["attention_mask"],
+            "p_input_ids": p["input_ids"],
+            "p_attention_mask": p["attention_mask"],
+        }
+
+
+def encode_separately(pairs: Sequence[Pair], tokenizer: Any, max_length: int) -> SeparateEncodings:
+    """Tokenise every question and every passage on its own, each cut to max_length."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(texts: list[str]) -> EncodedPairs:
+        ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+        return EncodedPairs(input_ids=ids if texts else [], token_type_ids=None, pad_token_id=pad_id)
+
+    return SeparateEncodings(encode([p.question for p in pairs]), encode([p.passage for p in pairs]))
+
+
+def questions_per_batch(num_pairs: int, num_questions: int, batch_size: int) -> int:
+    """How many whole questions make a batch of about `batch_size` pairs, at least one."""
+    return max(1, round(batch_size * num_questions / max(1, num_pairs)))
+
+
+def group_batches(
+    groups: Sequence[Sequence[int]], *, questions: int, shuffle: bool, seed: int, epoch: int = 0
+) -> list[list[int]]:
+    """Batches of `questions` whole questions each (their pair indices); deterministic for (seed, epoch).
+
+    Ranking losses compare a question's candidates with each other, so a question is never split.
+    """
+    if questions < 1:
+        raise ValueError(f"questions must be >= 1, got {questions}")
+    order = np.arange(len(groups))
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
+    return [
+        [i for g in order[start : start + questions] for i in groups[g]] for start in range(0, len(order), questions)
+    ]
+
+
 def iter_batches(
     encodings: EncodedPairs, *, batch_size: int, shuffle: bool, seed: int, epoch: int = 0, bucket: bool = True
 ) -> list[list[int]]:

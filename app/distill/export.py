@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.distill.students import BiLSTMEncoder, MultiHeadStudent
+from app.distill.students import BiEncoderStudent, BiLSTMEncoder, MultiHeadStudent
 
 FORMAT = "qadistill-ensemble/1"
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -168,7 +168,7 @@ def load_ensemble(path: Path, *, device: str = "cpu") -> StudentEnsemble:
 
 
 def save_member(
-    student: MultiHeadStudent, tokenizer: PreTrainedTokenizerBase, folder: Path, *, max_length: int
+    student: MultiHeadStudent | BiEncoderStudent, tokenizer: PreTrainedTokenizerBase, folder: Path, *, max_length: int
 ) -> None:
     """Write one student: encoder, heads, its own student.json and the tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,9 @@ def save_member(
         "max_length": max_length,
         "dropout": student.dropout.p,
     }
-    if student.kind == "transformer":
+    if isinstance(student, BiEncoderStudent):
+        config["cls_token_id"] = student.cls_token_id
+    if student.kind in ("transformer", "bi-encoder"):
         student.encoder.save_pretrained(folder, safe_serialization=True)
     else:
         config["bilstm"] = student.encoder.config
@@ -188,13 +190,13 @@ def save_member(
     tokenizer.save_pretrained(folder)
 
 
-def load_member(folder: Path) -> MultiHeadStudent:
+def load_member(folder: Path) -> MultiHeadStudent | BiEncoderStudent:
     """Read one student written by save_member, in eval mode on the CPU."""
     config_file = folder / "student.json"
     if not config_file.is_file():
         raise EnsembleFormatError(f"{folder}: no student.json")
     config = json.loads(config_file.read_text())
-    if config["kind"] == "transformer":
+    if config["kind"] in ("transformer", "bi-encoder"):
         try:
             encoder = AutoModel.from_pretrained(folder, add_pooling_layer=False, use_safetensors=True)
         except TypeError:  # architectures without a pooler option
@@ -206,6 +208,10 @@ def load_member(folder: Path) -> MultiHeadStudent:
         hidden = encoder.output_size
     else:
         raise EnsembleFormatError(f"{folder}: unknown student kind {config['kind']!r}")
+    if config["kind"] == "bi-encoder":
+        student = BiEncoderStudent(encoder, heads=config["heads"], cls_token_id=config["cls_token_id"])
+        student.heads.load_state_dict(load_file(folder / "heads.safetensors"))
+        return student.eval()
     student = MultiHeadStudent(encoder, kind=config["kind"], hidden_size=hidden, heads=config["heads"])
     student.dropout.p = config["dropout"]
     student.heads.load_state_dict(load_file(folder / "heads.safetensors"))

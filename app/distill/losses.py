@@ -63,3 +63,93 @@ def multi_head_loss(
         for h in range(head_logits.shape[1])
     ]
     return torch.stack(losses).sum()
+
+
+def relevance(logits: Tensor) -> Tensor:
+    """The relevance logit l1 - l0 of 2-class logits [..., 2]: log-odds of 'relevant'."""
+    return logits[..., 1] - logits[..., 0]
+
+
+def listwise_soft_loss(student: Tensor, teacher: Tensor, groups: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) over each question's candidates, mean over questions.
+
+    student and teacher are relevance logits [B]; groups [B] says which question each pair belongs to. A
+    question with one candidate carries no ranking and is left out.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student_log_q, mask = _group_log_softmax(student.float() / temperature, groups)
+    teacher_log_p, _ = _group_log_softmax(teacher.detach().float() / temperature, groups)
+    kl = (teacher_log_p.exp() * (teacher_log_p - student_log_q)).masked_fill(~mask, 0.0).sum(dim=1)
+    ranked = mask.sum(dim=1) > 1
+    if not ranked.any():
+        return student.sum() * 0.0
+    return kl[ranked].mean() * temperature**2
+
+
+def listwise_hard_loss(scores: Tensor, labels: Tensor, groups: Tensor) -> Tensor:
+    """-log P(a relevant candidate) under softmax(scores) over each question's candidates, mean over questions.
+
+    Questions whose candidates are all relevant or all irrelevant carry no ranking and are left out.
+    """
+    log_p, mask = _group_log_softmax(scores.float(), groups)
+    relevant = _group_values(labels.float(), groups, fill=0.0) > 0.5
+    useful = (relevant & mask).any(dim=1) & (~relevant & mask).any(dim=1)
+    if not useful.any():
+        return scores.sum() * 0.0
+    log_p_relevant = torch.logsumexp(log_p.masked_fill(~(relevant & mask), float("-inf")), dim=1)
+    return -log_p_relevant[useful].mean()
+
+
+def multi_head_listwise_loss(
+    head_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    groups: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> Tensor:
+    """Sum over heads h of (1 - alpha) * listwise_hard + alpha * listwise_soft(head h, teacher h), logits [B, H, 2].
+
+    The ranking counterpart of multi_head_loss: only the order of a question's candidates is learned, so a
+    teacher's calibration (or a bi-encoder's cosine scale) does not leak into the student. labels None
+    (stage 1): alpha = 1.
+    """
+    if head_logits.dim() != 3 or head_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"expected head and teacher logits of one shape [B, H, 2], got {tuple(head_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    if labels is None:
+        alpha = 1.0
+    student, teacher = relevance(head_logits), relevance(teacher_logits)
+    losses = []
+    for h in range(head_logits.shape[1]):
+        loss = student.new_zeros((), dtype=torch.float32)
+        if alpha < 1.0:
+            loss = loss + (1.0 - alpha) * listwise_hard_loss(student[:, h], labels, groups)
+        if alpha > 0.0:
+            loss = loss + alpha * listwise_soft_loss(student[:, h], teacher[:, h], groups, temperature)
+        losses.append(loss)
+    return torch.stack(losses).sum()
+
+
+def _group_values(values: Tensor, groups: Tensor, *, fill: float) -> Tensor:
+    """values [B] laid out as [questions, most candidates], `fill` where a question has fewer."""
+    _, question = torch.unique(groups, return_inverse=True)
+    count = int(question.max()) + 1
+    position = torch.zeros_like(question)
+    for q in range(count):  # a batch holds a few dozen questions at most
+        where = question == q
+        position[where] = torch.arange(int(where.sum()), device=groups.device)
+    out = values.new_full((count, int(position.max()) + 1), fill)
+    out[question, position] = values
+    return out
+
+
+def _group_log_softmax(values: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """log_softmax of values [B] within each question, as [questions, most candidates], and its mask."""
+    laid = _group_values(values, groups, fill=float("-inf"))
+    mask = _group_values(torch.ones_like(values), groups, fill=0.0) > 0
+    return torch.log_softmax(laid, dim=1).masked_fill(~mask, 0.0), mask

@@ -24,16 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.distill.data import Pair, encode_pairs, file_sha256, iter_batches, read_pairs
+from app.distill.biencoder import COSINE_SCALE, BiEncoder
+from app.distill.calibration import calibrated, platt_scaling
+from app.distill.data import Pair, encode_pairs, file_sha256, group_by_question, iter_batches, read_pairs
 from app.distill.devices import Device, resolve_device
 from app.distill.export import StudentEnsemble, json_safe, save_ensemble
 from app.distill.hooks import Hooks, Progress
-from app.distill.losses import multi_head_loss
+from app.distill.losses import multi_head_listwise_loss, multi_head_loss, relevance
 from app.distill.metrics import ranking_metrics
 from app.distill.pretrained import resolve_model
 from app.distill.soft_labels import count_batches, teacher_soft_labels
 from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec
-from app.distill.students import MultiHeadStudent, build_student, count_parameters
+from app.distill.students import build_student, calibrate_heads, count_parameters
 from app.distill.teachers import load_teacher, prepare_teacher
 from app.distill.train import TrainConfig, count_steps, train
 
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("map", "mrr", "p_at_1", "accuracy", "roc_auc")
 TIMING_CANDIDATES = 10
+FLOOR_MAX_LENGTH = 128  # WikiQA and TrecQA passages are at most ~60 tokens
+CALIBRATION_PAIRS = 2000  # training pairs (whole questions) a listwise student's heads are calibrated on
 TIMING_REPEATS = 5
 EVAL_BATCH = 64
 
@@ -58,20 +62,39 @@ class PipelineResult:
 
 @dataclass
 class _Data:
-    """The run's pairs and their content hashes; unlabeled is empty when no variant has stage 1."""
+    """The run's pairs and their content hashes; unlabeled is empty when no variant has stage 1.
+
+    evals holds each evaluation set's pairs by its report name; sha256 is keyed 'train', 'unlabeled'
+    and 'eval:<i>'.
+    """
 
     train: list[Pair]
-    eval: list[Pair]
+    evals: dict[str, list[Pair]]
     unlabeled: list[Pair]
     sha256: dict[str, str]
 
+    @property
+    def eval(self) -> list[Pair]:
+        """The first evaluation set: the one registration chooses the serving form on."""
+        return next(iter(self.evals.values()))
+
+    def eval_sets(self) -> list[tuple[str, str, list[Pair]]]:
+        """(key in sha256, report name, pairs) of every evaluation set, in the spec's order."""
+        return [(f"eval:{i}", name, pairs) for i, (name, pairs) in enumerate(self.evals.items())]
+
 
 def run_pipeline(
-    spec: PipelineSpec, *, out_dir: Path, cache_dir: Path | None = None, hooks: Hooks | None = None
+    spec: PipelineSpec,
+    *,
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    hooks: Hooks | None = None,
+    eval_names: Sequence[str] | None = None,
 ) -> PipelineResult:
     """Run the whole distillation of `spec` (data paths are files) into out_dir; resumable and idempotent.
 
-    Soft labels are cached under cache_dir (default out_dir/cache) and shared by later runs.
+    Soft labels are cached under cache_dir (default out_dir/cache) and shared by later runs. eval_names
+    name the evaluation sets in the report (default: each file's folder and stem, e.g. 'wikiqa/dev').
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,12 +103,13 @@ def run_pipeline(
     caller = hooks or Hooks()
 
     caller.progress(Progress("prepare", 0, 1))
-    data = _read_data(spec)
+    data = _read_data(spec, eval_names)
     _claim_out_dir(out_dir, spec, data)
     hooks = _pipeline_hooks(caller, _stage_weights(spec, data))
     hooks.event(
         "prepare",
-        f"{len(data.train)} labelled, {len(data.eval)} eval, {len(data.unlabeled)} unlabelled pairs; "
+        f"{len(data.train)} labelled, {sum(map(len, data.evals.values()))} eval in {len(data.evals)} sets, "
+        f"{len(data.unlabeled)} unlabelled pairs; "
         f"device {device.torch_device}",
     )
     hooks.progress(Progress("prepare", 1, 1))
@@ -102,7 +126,7 @@ def run_pipeline(
         )
         for t in spec.teachers
     }
-    soft = _soft_labels(spec, data, teacher_dirs, cache_dir=soft_cache, device=device, hooks=hooks)
+    soft, floors = _soft_labels(spec, data, teacher_dirs, cache_dir=soft_cache, device=device, hooks=hooks)
 
     source_dir = _student_source(spec, teacher_dirs, cache_dir)
     tokenizer_dir = source_dir or teacher_dirs[spec.teachers[0].name]
@@ -112,7 +136,7 @@ def run_pipeline(
     tokenizer = next(iter(students.values()))[1]
     members = {v: m for v, (m, _) in students.items()}
 
-    report = _evaluate(spec, data, soft, teacher_dirs, members, tokenizer, device, hooks)
+    report = _evaluate(spec, data, soft, floors, teacher_dirs, members, tokenizer, device, hooks)
     variant_dirs = _export(spec, members, tokenizer, report, out_dir, hooks)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     hooks.event("export", f"report written to {out_dir / 'report.json'}")
@@ -142,17 +166,27 @@ def distillation_loss(model: nn.Module, batch: dict[str, Tensor], *, temperature
     )
 
 
-def _read_data(spec: PipelineSpec) -> _Data:
+def _read_data(spec: PipelineSpec, eval_names: Sequence[str] | None) -> _Data:
     needs_unlabeled = any(v in VARIANTS_WITH_STAGE1 for v in spec.variants)
-    files = {"train": spec.data.train, "eval": spec.data.eval}
+    files = {"train": spec.data.train} | {f"eval:{i}": path for i, path in enumerate(spec.data.eval)}
     if needs_unlabeled and spec.data.unlabeled:
         files["unlabeled"] = spec.data.unlabeled
+    names = list(eval_names) if eval_names is not None else [_set_name(path) for path in spec.data.eval]
+    if len(names) != len(spec.data.eval):
+        raise ValueError(f"eval_names: {len(names)} names for {len(spec.data.eval)} evaluation sets")
+    names = [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]
     return _Data(
         train=read_pairs(files["train"], labelled=True).pairs,
-        eval=read_pairs(files["eval"], labelled=True).pairs,
+        evals={name: read_pairs(path, labelled=True).pairs for name, path in zip(names, spec.data.eval, strict=True)},
         unlabeled=read_pairs(files["unlabeled"], labelled=False).pairs if "unlabeled" in files else [],
         sha256={name: file_sha256(path) for name, path in files.items()},
     )
+
+
+def _set_name(path: str) -> str:
+    """A report name for an evaluation file: its folder and stem ('wikiqa/dev')."""
+    file = Path(path)
+    return f"{file.parent.name}/{file.stem}" if file.parent.name else file.stem
 
 
 def _claim_out_dir(out_dir: Path, spec: PipelineSpec, data: _Data) -> None:
@@ -175,8 +209,9 @@ def _stage_weights(spec: PipelineSpec, data: _Data) -> dict[str, float]:
         weights[f"teacher:{t.name}"] = (
             0.0 if t.path else count_steps(len(data.train), t.batch_size, t.epochs, t.max_steps)
         )
-    pairs = len(data.train) + len(data.eval) + len(data.unlabeled)
-    weights["soft_labels"] = len(spec.teachers) * count_batches(pairs)
+    evals = sum(map(len, data.evals.values()))
+    pairs = len(data.train) + evals + len(data.unlabeled)
+    weights["soft_labels"] = (len(spec.teachers) + 1) * count_batches(pairs)
     for variant in spec.variants:
         for i in range(spec.ensemble_size):
             if variant in VARIANTS_WITH_STAGE1:
@@ -184,7 +219,7 @@ def _stage_weights(spec: PipelineSpec, data: _Data) -> dict[str, float]:
                     spec.stage1, len(data.unlabeled)
                 )
             weights[member_stage("stage2", variant, i, spec.ensemble_size)] = _stage_steps(spec.stage2, len(data.train))
-    weights["evaluate"] = len(spec.variants) * spec.ensemble_size * count_batches(len(data.eval)) + 1
+    weights["evaluate"] = len(spec.variants) * spec.ensemble_size * count_batches(evals) + 1
     weights["export"] = 1.0
     return weights
 
@@ -223,19 +258,26 @@ def _soft_labels(
     cache_dir: Path,
     device: Device,
     hooks: Hooks,
-) -> dict[str, dict[str, Tensor]]:
-    """Logits [N, 2] per teacher and data set ('train', 'eval', 'unlabeled') that some stage needs."""
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]]]:
+    """Each teacher's logits [N, 2] per data set ('train', 'unlabeled', 'eval:<i>'), and each base's floor.
+
+    A bi-encoder teacher's cosines are Platt-scaled on the training pairs, so that every teacher's
+    softmax is a P(relevant) and they average. The floors are the logits of each base checkpoint used
+    zero-shot as a bi-encoder on the evaluation sets: what a distilled model must beat.
+    """
     stage1_teachers = {t.name for v in spec.variants if v in VARIANTS_WITH_STAGE1 for t in spec.teachers_for(v)}
-    stage2_teachers = {t.name for v in spec.variants for t in spec.teachers_for(v)}
+    eval_sets = {key: (pairs, data.sha256[key]) for key, _, pairs in data.eval_sets()}
     wanted: dict[str, dict[str, tuple[Sequence[Pair], str]]] = {}
     for t in spec.teachers:
-        sets = {"eval": (data.eval, data.sha256["eval"])}
-        if t.name in stage2_teachers:
-            sets["train"] = (data.train, data.sha256["train"])
+        # Every teacher scores the training pairs: stage 2 learns from them and calibration fits on them.
+        sets = eval_sets | {"train": (data.train, data.sha256["train"])}
         if t.name in stage1_teachers:
             sets["unlabeled"] = (data.unlabeled, data.sha256["unlabeled"])
         wanted[t.name] = sets
+    bases = _floor_bases(spec)
+    base_dirs = {base: resolve_model(base, cache_dir=cache_dir) for base in bases}
     total = sum(count_batches(len(pairs)) for sets in wanted.values() for pairs, _ in sets.values())
+    total += len(bases) * sum(count_batches(len(pairs)) for pairs, _ in eval_sets.values())
     done = 0
 
     def on_batch() -> None:
@@ -245,20 +287,45 @@ def _soft_labels(
             hooks.progress(Progress("soft_labels", done, total))
 
     hooks.progress(Progress("soft_labels", 0, total))
+    common = {"cache_dir": cache_dir, "device": device, "hooks": hooks, "on_batch": on_batch}
     found = {
         t.name: teacher_soft_labels(
-            teacher_dirs[t.name],
-            wanted[t.name],
-            max_length=t.max_length,
-            cache_dir=cache_dir,
-            device=device,
-            hooks=hooks,
-            on_batch=on_batch,
+            teacher_dirs[t.name], wanted[t.name], max_length=t.max_length, kind=t.kind, **common
         )
         for t in spec.teachers
     }
+    labels = torch.tensor([p.label for p in data.train])
+    for t in spec.teachers:
+        if t.kind == "bi-encoder":
+            scale, shift = platt_scaling(relevance(found[t.name]["train"]), labels)
+            found[t.name] = {key: calibrated(logits, scale, shift) for key, logits in found[t.name].items()}
+    floors = {
+        base: teacher_soft_labels(folder, eval_sets, max_length=FLOOR_MAX_LENGTH, kind="bi-encoder", **common)
+        for base, folder in base_dirs.items()
+    }
     hooks.progress(Progress("soft_labels", total, total))
-    return found
+    return found, floors
+
+
+def _floor_bases(spec: PipelineSpec) -> list[str]:
+    """The base checkpoints the teachers and the student start from, each once."""
+    teacher_names = {t.name for t in spec.teachers}
+    bases = [t.base for t in spec.teachers if t.path is None]
+    if spec.student.init_from is not None and spec.student.init_from not in teacher_names:
+        bases.append(spec.student.init_from)
+    return list(dict.fromkeys(bases))
+
+
+def _row_bases(spec: PipelineSpec) -> dict[str, list[str]]:
+    """The bases whose floors each report row must beat: its own; every teacher's for the ensemble."""
+    teacher_bases = {t.name: t.base for t in spec.teachers if t.path is None}
+    init = spec.student.init_from
+    student_base = teacher_bases.get(init, init) if init is not None else None
+    bases = {f"teacher:{name}": [base] for name, base in teacher_bases.items()}
+    bases["teacher-ensemble"] = list(dict.fromkeys(teacher_bases.values()))
+    for variant in spec.variants:
+        bases[variant] = [student_base] if student_base else []
+    return bases
 
 
 def _student_source(spec: PipelineSpec, teacher_dirs: dict[str, Path], cache_dir: Path | None) -> Path | None:
@@ -281,10 +348,19 @@ def _train_variant(
     out_dir: Path,
     device: Device,
     hooks: Hooks,
-) -> tuple[list[MultiHeadStudent], Any]:
-    """The variant's students (M-on-M: ensemble_size of them, seeds seed+i), each through its stages."""
+) -> tuple[list[nn.Module], Any]:
+    """The variant's students (M-on-M: ensemble_size of them, seeds seed+i), each through its stages.
+
+    With the listwise loss, batches hold whole questions and each student's heads are calibrated on the
+    training pairs at the end (a ranking loss leaves the level of the scores free).
+    """
     heads = [t.name for t in spec.teachers_for(variant)]
-    loss_fn = functools.partial(distillation_loss, temperature=spec.distill.temperature, alpha=spec.distill.alpha)
+    listwise = spec.distill.loss == "listwise"
+    loss_fn = functools.partial(
+        listwise_distillation_loss if listwise else distillation_loss,
+        temperature=spec.distill.temperature,
+        alpha=spec.distill.alpha,
+    )
     stages: list[tuple[str, StageSpec, list[Pair], dict[str, Tensor]]] = []
     if variant in VARIANTS_WITH_STAGE1:
         stage1_targets = {"teacher_logits": torch.stack([soft[h]["unlabeled"] for h in heads], dim=1)}
@@ -304,6 +380,9 @@ def _train_variant(
         for name, stage_spec, pairs, targets in stages:
             if name not in encoded:
                 encoded[name] = encode_pairs(pairs, tokenizer, spec.student.max_length)
+            groups = group_by_question(pairs) if listwise else None
+            if groups is not None:
+                targets = targets | {"group": _question_index(groups, len(pairs))}
             stage = member_stage(name, variant, i, spec.ensemble_size)
             train(
                 student,
@@ -324,90 +403,177 @@ def _train_variant(
                 checkpoint_dir=out_dir / "checkpoints" / Path(*stage.replace(":", "/").split("/")),
                 device=device,
                 hooks=hooks,
+                groups=groups,
             )
+        if listwise:
+            _calibrate(student, data.train, encoded["stage2"], device)
         members.append(student)
     return members, tokenizer
+
+
+def listwise_distillation_loss(
+    model: nn.Module, batch: dict[str, Tensor], *, temperature: float, alpha: float
+) -> Tensor:
+    """Multi-head listwise KD loss of a batch of whole questions (`group`), hard labels if it has them."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "teacher_logits", "group")}
+    return multi_head_listwise_loss(
+        model(**inputs).float(),
+        batch["teacher_logits"],
+        batch.get("labels"),
+        batch["group"],
+        temperature=temperature,
+        alpha=alpha,
+    )
+
+
+def _question_index(groups: list[list[int]], count: int) -> Tensor:
+    """Which question (index into groups) each of `count` pairs belongs to."""
+    index = torch.empty(count, dtype=torch.long)
+    for q, members in enumerate(groups):
+        index[members] = q
+    return index
+
+
+def _calibrate(student: nn.Module, pairs: list[Pair], encodings: Any, device: Device) -> None:
+    """Platt-scale the student's heads on the first CALIBRATION_PAIRS training pairs (whole questions)."""
+    picked: list[int] = []
+    for members in group_by_question(pairs):
+        if len(picked) >= CALIBRATION_PAIRS:
+            break
+        picked += members
+    student.eval()
+    logits = []
+    with torch.inference_mode():
+        for start in range(0, len(picked), EVAL_BATCH):
+            batch = device.move(encodings.collate(picked[start : start + EVAL_BATCH]))
+            with device.autocast():
+                logits.append(student(**batch).float().cpu())
+    labels = torch.tensor([pairs[i].label for i in picked])
+    calibrate_heads(student, relevance(torch.cat(logits)), labels)
 
 
 def _evaluate(
     spec: PipelineSpec,
     data: _Data,
     soft: dict[str, dict[str, Tensor]],
+    floors: dict[str, dict[str, Tensor]],
     teacher_dirs: dict[str, Path],
-    members: dict[str, list[MultiHeadStudent]],
+    members: dict[str, list[nn.Module]],
     tokenizer: Any,
     device: Device,
     hooks: Hooks,
 ) -> dict:
-    """The report: quality on data.eval, parameters and CPU latency of every teacher and student."""
-    qids = [p.qid for p in data.eval]
-    labels = [p.label for p in data.eval]
+    """The report: per evaluation set, a table of every base's zero-shot floor, teacher and student.
+
+    Each row's `floor` is the best zero-shot MAP of the bases it started from, and `below_floor` flags
+    a row under it. CPU latency is measured once per model, on the first set's first question.
+    """
     questions, passages = _timing_sample(data.eval)
     cpu = resolve_device("cpu")
-    rows: list[dict[str, Any]] = []
     steps, done = len(spec.teachers) + len(spec.variants), 0
     hooks.progress(Progress("evaluate", 0, steps))
+    scores: dict[str, dict[str, Tensor]] = {key: {} for key, _, _ in data.eval_sets()}
+    costs: dict[str, tuple[int, float | None]] = {}
 
-    def add_row(model: str, scores: Sequence[float], params: int, cpu_ms: float) -> None:
-        quality = ranking_metrics(qids, scores, labels)
-        rows.append(
-            {"model": model}
-            | {k: quality[k] for k in METRIC_KEYS}
-            | {"params": params, "cpu_ms_per_question": round(cpu_ms, 3)}
-        )
-        hooks.event("evaluate", f"{model}: MAP {quality['map']:.4f}, MRR {quality['mrr']:.4f}")
-
-    teacher_probs, teacher_params, teacher_ms = [], 0, 0.0
+    for base, logits in floors.items():
+        for key in scores:
+            # Ranked by the cosine itself: sigmoid(scale * cosine) rounds to 1.0 in float32.
+            scores[key][f"floor:{base}"] = relevance(logits[key]) / COSINE_SCALE
+        costs[f"floor:{base}"] = (0, None)
+    teacher_params, teacher_ms = 0, 0.0
     for t in spec.teachers:
-        probs = torch.softmax(soft[t.name]["eval"], dim=-1)[:, 1]
-        model, teacher_tokenizer = load_teacher(teacher_dirs[t.name], cpu)
-        params = count_parameters(model)
-        cpu_ms = _cpu_ms(
-            functools.partial(_score_with_teacher, model, teacher_tokenizer, t.max_length, questions, passages)
-        )
-        add_row(f"teacher:{t.name}", probs.tolist(), params, cpu_ms)
-        teacher_probs.append(probs)
-        teacher_params += params
+        for key in scores:
+            scores[key][f"teacher:{t.name}"] = torch.softmax(soft[t.name][key], dim=-1)[:, 1]
+        model, teacher_tokenizer = load_teacher(teacher_dirs[t.name], cpu, t.kind)
+        score = _score_with_bi_encoder if t.kind == "bi-encoder" else _score_with_teacher
+        cpu_ms = _cpu_ms(functools.partial(score, model, teacher_tokenizer, t.max_length, questions, passages))
+        costs[f"teacher:{t.name}"] = (count_parameters(model), cpu_ms)
+        teacher_params += costs[f"teacher:{t.name}"][0]
         teacher_ms += cpu_ms  # the teachers run one after the other
         done += 1
         hooks.progress(Progress("evaluate", done, steps))
     if len(spec.teachers) > 1:
-        add_row("teacher-ensemble", torch.stack(teacher_probs).mean(0).tolist(), teacher_params, teacher_ms)
+        for by_model in scores.values():
+            by_model["teacher-ensemble"] = torch.stack([by_model[f"teacher:{t.name}"] for t in spec.teachers]).mean(0)
+        costs["teacher-ensemble"] = (teacher_params, teacher_ms)
 
-    encodings = encode_pairs(data.eval, tokenizer, spec.student.max_length)
-    batches = iter_batches(encodings, batch_size=EVAL_BATCH, shuffle=False, seed=0)
+    max_length = spec.student.max_length
     for variant, students in members.items():
-        heads, max_length = students[0].head_names, spec.student.max_length
+        heads = students[0].head_names
         ensemble = StudentEnsemble(
             students, tokenizer, max_length=max_length, heads=heads, manifest={}, device=str(device.torch_device)
         )
-        member_scores = torch.empty(len(data.eval), len(students))
-        for indices in batches:
-            with device.autocast():
-                scores = ensemble.score_batch(encodings.collate(indices)).member_scores
-            member_scores[torch.tensor(indices)] = torch.from_numpy(scores).float()
+        for key, _, pairs in data.eval_sets():
+            member_scores = _member_scores(ensemble, pairs, max_length, device)
+            scores[key][variant] = member_scores.mean(1)
+            if len(students) > 1:
+                for i in range(len(students)):
+                    scores[key][f"{variant}/member-{i}"] = member_scores[:, i]
         params = [count_parameters(s) for s in students]
         on_cpu = StudentEnsemble(students, tokenizer, max_length=max_length, heads=heads, manifest={})
-        add_row(variant, member_scores.mean(1).tolist(), sum(params), _cpu_ms_of_ensemble(on_cpu, questions, passages))
+        costs[variant] = (sum(params), _cpu_ms_of_ensemble(on_cpu, questions, passages))
         if len(students) > 1:
             for i, student in enumerate(students):
                 alone = StudentEnsemble([student], tokenizer, max_length=max_length, heads=heads, manifest={})
-                cpu_ms = _cpu_ms_of_ensemble(alone, questions, passages)
-                add_row(f"{variant}/member-{i}", member_scores[:, i].tolist(), params[i], cpu_ms)
+                costs[f"{variant}/member-{i}"] = (params[i], _cpu_ms_of_ensemble(alone, questions, passages))
         done += 1
         hooks.progress(Progress("evaluate", done, steps))
+
+    row_bases = _row_bases(spec)
+    sets = []
+    for key, name, pairs in data.eval_sets():
+        qids, labels = [p.qid for p in pairs], [p.label for p in pairs]
+        rows = []
+        for model, model_scores in scores[key].items():
+            quality = ranking_metrics(qids, model_scores.tolist(), labels)
+            params, cpu_ms = costs[model]
+            floor_maps = [
+                rows_by_model["map"]
+                for base in row_bases.get(model.split("/")[0], [])
+                for rows_by_model in rows
+                if rows_by_model["model"] == f"floor:{base}"
+            ]
+            floor = max(floor_maps) if floor_maps else None
+            if model.startswith("floor:"):
+                quality["accuracy"] = None  # a cosine, not a probability: no threshold to count
+            rows.append(
+                {"model": model}
+                | {k: quality[k] for k in METRIC_KEYS}
+                | {
+                    "params": params or None,
+                    "cpu_ms_per_question": None if cpu_ms is None else round(cpu_ms, 3),
+                    "floor": floor,
+                    "below_floor": floor is not None and quality["map"] < floor,
+                }
+            )
+            flag = " (below its zero-shot floor)" if rows[-1]["below_floor"] else ""
+            hooks.event("evaluate", f"{name}: {model}: MAP {quality['map']:.4f}, MRR {quality['mrr']:.4f}{flag}")
+        sets.append({"name": name, "pairs": len(pairs), "questions": len(set(qids)), "rows": rows})
     return json_safe(
         {
-            "rows": rows,
+            "sets": sets,
+            # The first set's table, the one registration and serving use.
+            "rows": sets[0]["rows"],
+            "eval": {"name": sets[0]["name"], "pairs": sets[0]["pairs"], "questions": sets[0]["questions"]},
             "primary": spec.primary_variant,
-            "eval": {"pairs": len(data.eval), "questions": len(set(qids))},
         }
     )
 
 
+def _member_scores(ensemble: StudentEnsemble, pairs: list[Pair], max_length: int, device: Device) -> Tensor:
+    """P(relevant) of every pair by every member: [N, members]."""
+    encodings = encode_pairs(pairs, ensemble.tokenizer, max_length)
+    out = torch.empty(len(pairs), len(ensemble.members))
+    for indices in iter_batches(encodings, batch_size=EVAL_BATCH, shuffle=False, seed=0):
+        with device.autocast():
+            member_scores = ensemble.score_batch(encodings.collate(indices)).member_scores
+        out[torch.tensor(indices)] = torch.from_numpy(member_scores).float()
+    return out
+
+
 def _export(
     spec: PipelineSpec,
-    members: dict[str, list[MultiHeadStudent]],
+    members: dict[str, list[nn.Module]],
     tokenizer: Any,
     report: dict,
     out_dir: Path,
@@ -452,6 +618,17 @@ def _cpu_ms(score: Callable[[], object]) -> float:
 
 def _cpu_ms_of_ensemble(ensemble: StudentEnsemble, questions: list[str], passages: list[str]) -> float:
     return _cpu_ms(functools.partial(ensemble.score_pairs, questions, passages))
+
+
+def _score_with_bi_encoder(
+    model: BiEncoder, tokenizer: Any, max_length: int, questions: list[str], passages: list[str]
+) -> Tensor:
+    """A bi-encoder's scores of one question's candidates: the question encoded once, the passages in a batch."""
+    texts = [questions[0], *passages]
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        embeddings = model.embed(batch["input_ids"], batch["attention_mask"])
+    return embeddings[1:] @ embeddings[0]
 
 
 def _score_with_teacher(

@@ -1,8 +1,9 @@
 """Soft labels: each teacher's logits on every pair, computed once and cached.
 
-Cache layout: cache_dir/soft-labels/<teacher fingerprint>/<data sha256>-len<max_length>.safetensors, holding
-`logits` [N, 2] float32. The fingerprint hashes the teacher's weights and the data hash the file's bytes, so
-stages, variants and later runs on the same teacher and data reuse one file.
+Cache layout: cache_dir/soft-labels/<teacher fingerprint>/<data sha256>-len<max_length>[-bi].safetensors,
+holding `logits` [N, 2] float32 (-bi: the folder scored as a bi-encoder, [0, scale * cosine]). The
+fingerprint hashes the teacher's weights and the data hash the file's bytes, so stages, variants and later
+runs on the same teacher and data reuse one file.
 """
 
 import logging
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from app.distill.biencoder import predict_bi_encoder_logits
 from app.distill.data import EncodedPairs, Pair, encode_pairs, iter_batches
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks
@@ -25,9 +27,12 @@ log = logging.getLogger(__name__)
 INFERENCE_BATCH = 64
 
 
-def soft_labels_path(cache_dir: Path, fingerprint: str, data_sha256: str, max_length: int) -> Path:
+def soft_labels_path(
+    cache_dir: Path, fingerprint: str, data_sha256: str, max_length: int, kind: str = "cross-encoder"
+) -> Path:
     """Where a teacher's logits on one data set are cached."""
-    return cache_dir / "soft-labels" / fingerprint / f"{data_sha256}-len{max_length}.safetensors"
+    suffix = "-bi" if kind == "bi-encoder" else ""
+    return cache_dir / "soft-labels" / fingerprint / f"{data_sha256}-len{max_length}{suffix}.safetensors"
 
 
 def teacher_soft_labels(
@@ -39,6 +44,7 @@ def teacher_soft_labels(
     device: Device,
     hooks: Hooks,
     on_batch: Callable[[], None] | None = None,
+    kind: str = "cross-encoder",
 ) -> dict[str, Tensor]:
     """One teacher's logits [N, 2] on each named data set (pairs, data sha256), from the cache or computed.
 
@@ -49,16 +55,21 @@ def teacher_soft_labels(
     found: dict[str, Tensor] = {}
     model = tokenizer = None
     for name, (pairs, data_sha) in datasets.items():
-        path = soft_labels_path(cache_dir, fingerprint, data_sha, max_length)
+        path = soft_labels_path(cache_dir, fingerprint, data_sha, max_length, kind)
         cached = _read_cached(path, len(pairs))
         if cached is not None:
             hooks.event(stage, f"{teacher_dir.name} on {name}: reused cached soft labels {path}")
             found[name] = cached
             continue
         if model is None:
-            model, tokenizer = load_teacher(teacher_dir, device)
-        encodings = encode_pairs(pairs, tokenizer, max_length)
-        logits = predict_logits(model, encodings, device=device, hooks=hooks, on_batch=on_batch)
+            model, tokenizer = load_teacher(teacher_dir, device, kind)
+        if kind == "bi-encoder":
+            logits = predict_bi_encoder_logits(
+                model, tokenizer, pairs, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
+            )
+        else:
+            encodings = encode_pairs(pairs, tokenizer, max_length)
+            logits = predict_logits(model, encodings, device=device, hooks=hooks, on_batch=on_batch)
         _write_atomically(path, logits, teacher=fingerprint, data=data_sha, max_length=max_length)
         hooks.event(stage, f"{teacher_dir.name} on {name}: computed {len(pairs)} soft labels into {path}")
         found[name] = logits

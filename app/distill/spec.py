@@ -9,7 +9,7 @@ Loss conventions (toolkits disagree on both, so they are fixed here):
 
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 Variant = Literal["kd", "mkd", "tkd", "tmkd"]
 VARIANTS_WITH_STAGE1: frozenset[str] = frozenset({"tkd", "tmkd"})
@@ -23,26 +23,43 @@ class _Strict(BaseModel):
 
 
 class TeacherSpec(_Strict):
-    """One teacher: fine-tuned from `base` with its own hyper-parameters, or ready-made at `path`."""
+    """One teacher: fine-tuned from `base` with its own hyper-parameters, used zero-shot, or ready-made at `path`."""
 
     name: Name = Field(description="Id of the teacher within the job; names its head in the student.")
+    kind: Literal["bi-encoder", "cross-encoder"] = Field(
+        "bi-encoder",
+        description="bi-encoder: question and passage embedded apart (mean pooling, as sentence-embedding "
+        "checkpoints were trained), scored by cosine, fine-tuned with a ranking loss over each question's "
+        "candidates and in-batch negatives; keeps what the checkpoint knows. cross-encoder: the pair read "
+        "together by a fresh 2-class classifier on the [CLS] token, fine-tuned with cross-entropy.",
+    )
     base: str = Field(
         "all-MiniLM-L6-v2",
         description="Base checkpoint: 'all-MiniLM-L6-v2', 'all-mpnet-base-v2' or a Hugging Face model folder.",
     )
     path: str | None = Field(None, description="A ready-made teacher folder; when set, no training.")
-    learning_rate: float = Field(3e-5, gt=0, le=1)
-    epochs: float = Field(1.0, gt=0, le=50)
-    batch_size: int = Field(16, ge=1, le=1024)
+    learning_rate: float = Field(2e-5, gt=0, le=1)
+    epochs: float = Field(
+        1.0, ge=0, le=50, description="0: the base checkpoint used zero-shot, no training (bi-encoder only)."
+    )
+    batch_size: int = Field(
+        128, ge=1, le=1024, description="Pairs per batch; a bi-encoder's batches hold whole questions."
+    )
     max_length: int = Field(128, ge=8, le=512)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_steps: int | None = Field(None, ge=1, le=2**31 - 1, description="Stop after this many optimiser steps.")
 
 
 class StudentSpec(_Strict):
-    """The compact student: a small transformer (initialised from chosen layers) or the paper's BiLSTM."""
+    """The compact student: a bi-encoder or a cross-encoder transformer (initialised from chosen layers of
+    init_from), or the paper's BiLSTM. See app.distill.students."""
 
-    kind: Literal["transformer", "bilstm"] = "transformer"
+    kind: Literal["bi-encoder", "transformer", "bilstm"] = Field(
+        "bi-encoder",
+        description="bi-encoder: question and passage encoded apart by chosen layers of a BERT "
+        "sentence-embedding model and scored by cosine (starts from that model's zero-shot ranking); "
+        "transformer: a cross-encoder on the [CLS] token; bilstm: the TMKD paper's BiLSTM.",
+    )
     init_from: str | None = Field(
         "all-MiniLM-L6-v2",
         description="Model to copy embeddings and layers from (a base name, a folder or a teacher's name); "
@@ -65,6 +82,12 @@ class DistillSpec(_Strict):
 
     temperature: float = Field(2.0, gt=0, le=100, description="T; soft term scaled by T^2.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (teacher) term; 1-alpha on hard labels.")
+    loss: Literal["listwise", "pointwise"] = Field(
+        "listwise",
+        description="listwise: softmax over each question's candidates (KL to the teacher's, cross-entropy "
+        "on the relevant ones), then each head calibrated on the training pairs; pointwise: per-pair "
+        "2-class softmax, the paper's form.",
+    )
     combine: Literal["mean"] = Field("mean", description="How heads' and members' scores combine.")
 
 
@@ -83,8 +106,19 @@ class DataSpec(_Strict):
     """Data sets: file paths for `qadistill distill`, dataset ids or names for the service."""
 
     train: str = Field(min_length=1, description="Labelled pairs: teachers' training and stage 2.")
-    eval: str = Field(min_length=1, description="Labelled pairs the teachers and students are measured on.")
+    eval: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        min_length=1,
+        max_length=8,
+        description="Labelled pairs the teachers and students are measured on: one set, or a list of sets "
+        "each reported in its own table (the first also chooses the serving form at registration).",
+    )
     unlabeled: str | None = Field(None, description="Unlabelled pairs for stage 1 (needed by tkd and tmkd).")
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def one_or_many(cls, value: object) -> object:
+        """A single evaluation set may be given as a plain string."""
+        return [value] if isinstance(value, str) else value
 
 
 class PipelineSpec(_Strict):
@@ -115,11 +149,19 @@ class PipelineSpec(_Strict):
             raise ValueError("teachers: teacher names must be unique")
         if any(v in VARIANTS_WITH_STAGE1 for v in self.variants) and not self.data.unlabeled:
             raise ValueError("data.unlabeled: variants tkd and tmkd need unlabelled pairs for stage 1")
-        if self.student.kind == "transformer" and self.student.layers is not None:
+        if self.student.kind != "bilstm" and self.student.layers is not None:
             if not self.student.layers:
                 raise ValueError("student.layers: give at least one layer, or null")
             if len(set(self.student.layers)) != len(self.student.layers):
                 raise ValueError("student.layers: layers must be distinct")
+        for i, teacher in enumerate(self.teachers):
+            if teacher.kind == "cross-encoder" and teacher.epochs == 0 and teacher.path is None:
+                raise ValueError(
+                    f"teachers.{i}.epochs: a cross-encoder teacher starts from a fresh classifier and needs "
+                    "training (epochs > 0); use kind 'bi-encoder' for a zero-shot teacher"
+                )
+        if self.student.kind == "bi-encoder" and self.student.init_from is None:
+            raise ValueError("student.init_from: a bi-encoder student starts from a sentence-embedding model")
         if self.student.init_from is None and self.student.hidden_size % self.student.num_attention_heads:
             raise ValueError("student.hidden_size: must be a multiple of student.num_attention_heads")
         return self

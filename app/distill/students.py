@@ -1,8 +1,14 @@
 """Student models: one shared encoder with one 2-class output head per teacher (TMKD's multi-head student).
 
-Two encoders: a compact transformer (an `AutoModel`, so its folder opens with `transformers.AutoModel`),
-initialised from chosen layers of a bigger model or from scratch, pooled by its first ([CLS]) token;
-and the TMKD paper's BiLSTM, pooled by a max over the non-padding time steps.
+Three kinds, each taking a tokenised (question, passage) pair and giving logits [B, heads, 2]:
+- `bi-encoder` (the default): a BERT encoder initialised from chosen layers of a sentence-embedding model
+  that reads the question and the passage apart inside one forward (attention never crosses the two,
+  and each side has its own positions and [CLS] token, exactly as if encoded alone), mean-pools each side
+  and scores their cosine with a per-teacher weighting of the dimensions. It starts where its checkpoint's
+  zero-shot ranking is, instead of from a fresh classifier.
+- `transformer`: a cross-encoder (an `AutoModel`, so its folder opens with `transformers.AutoModel`),
+  initialised from chosen layers of a bigger model or from scratch, pooled by its first ([CLS]) token;
+- `bilstm`: the TMKD paper's BiLSTM, pooled by a max over the non-padding time steps.
 """
 
 import logging
@@ -16,6 +22,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from app.distill.biencoder import COSINE_SCALE, mean_pool
+from app.distill.calibration import platt_scaling
 from app.distill.spec import StudentSpec
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,102 @@ class MultiHeadStudent(nn.Module):
         return torch.stack([head(pooled) for head in self.heads], dim=1)
 
 
+class CosineHeads(nn.Module):
+    """One head per teacher: relevance = sum_d weight[h, d] * u_d * v_d + bias[h] for unit vectors u, v.
+
+    Every head starts as COSINE_SCALE * cosine(u, v), the checkpoint's own zero-shot score, and learns which
+    dimensions its teacher weighs more.
+    """
+
+    def __init__(self, hidden_size: int, count: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((count, hidden_size), COSINE_SCALE))
+        self.bias = nn.Parameter(torch.zeros(count))
+
+    def forward(self, question: Tensor, passage: Tensor) -> Tensor:
+        """Relevance logits [B, H] of unit vectors [B, D]."""
+        return (question * passage) @ self.weight.T + self.bias
+
+
+class BiEncoderStudent(nn.Module):
+    """A BERT encoder reading each side of the pair apart, and CosineHeads; forward(**batch) -> [B, H, 2].
+
+    The pair comes tokenised as `[CLS] question [SEP] passage [SEP]` with token types 0 and 1. Inside the
+    forward the passage gets its own [CLS] (one extra column) and positions from 0, token types are all 0,
+    and attention stays within a side: each side's states are exactly those of encoding it alone.
+    """
+
+    kind = "bi-encoder"
+
+    def __init__(self, encoder: PreTrainedModel, *, heads: Sequence[str], cls_token_id: int) -> None:
+        super().__init__()
+        if not supports_side_attention(encoder):
+            raise ValueError("student.kind: a bi-encoder student needs a BERT encoder (e.g. all-MiniLM-L6-v2)")
+        self.head_names = list(heads)
+        self.encoder = encoder
+        self.cls_token_id = cls_token_id
+        self.dropout = nn.Dropout(0.0)  # kept for the member format; the pooled means need none
+        self.heads = CosineHeads(encoder.config.hidden_size, len(self.head_names))
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Unit-length question and passage vectors [B, D] each."""
+        side, real = token_type_ids, attention_mask.bool()
+        question_length = ((side == 0) & real).sum(dim=1, keepdim=True)
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        # The passage's positions count from 1, after its own [CLS] at position 0 (the extra column).
+        positions = torch.where(side == 1, columns - question_length + 1, columns)
+        extra = torch.ones_like(input_ids[:, :1])
+        input_ids = torch.cat([input_ids, extra * self.cls_token_id], dim=1)
+        side = torch.cat([side, extra], dim=1)
+        real = torch.cat([real, extra.bool()], dim=1)
+        positions = torch.cat([positions, extra * 0], dim=1)
+        hidden = self.encoder.embeddings(
+            input_ids=input_ids, token_type_ids=torch.zeros_like(side), position_ids=positions
+        )
+        allowed = (side[:, :, None] == side[:, None, :]) & real[:, None, :]
+        additive = (~allowed)[:, None].to(hidden.dtype) * torch.finfo(hidden.dtype).min  # [B, 1, T, T]
+        for layer in self.encoder.encoder.layer:
+            hidden = layer(hidden, additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return mean_pool(hidden, (side == 0) & real), mean_pool(hidden, (side == 1) & real)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Logits of every head: [B, H, 2], relevance in [..., 1]."""
+        if token_type_ids is None:
+            raise ValueError("a bi-encoder student needs token_type_ids to tell the question from the passage")
+        relevance = self.heads(*self.encode(input_ids, attention_mask, token_type_ids))
+        return torch.stack([torch.zeros_like(relevance), relevance], dim=-1)
+
+
+def supports_side_attention(encoder: nn.Module) -> bool:
+    """Whether `encoder` is a plain BERT whose embeddings and layers a BiEncoderStudent can drive."""
+    config = getattr(encoder, "config", None)
+    return (
+        getattr(config, "model_type", None) == "bert"
+        and not config.is_decoder
+        and hasattr(encoder, "embeddings")
+        and hasattr(encoder, "encoder")
+    )
+
+
+def calibrate_heads(student: nn.Module, relevance: Tensor, labels: Tensor) -> None:
+    """Rescale each head so that sigmoid(relevance) is P(relevant) on these pairs (Platt scaling).
+
+    A ranking loss fixes the order of a question's candidates, not the level of its scores; averaging
+    heads, members and teachers by P(relevant) needs both. relevance [N, H] are the heads' logits.
+    """
+    fits = [platt_scaling(relevance[:, h], labels) for h in range(relevance.shape[1])]
+    scale, shift = torch.tensor([f[0] for f in fits]), torch.tensor([f[1] for f in fits])
+    with torch.no_grad():
+        if isinstance(student, BiEncoderStudent):
+            student.heads.weight.mul_(scale[:, None])
+            student.heads.bias.mul_(scale).add_(shift)
+        else:  # Linear(hidden, 2) heads: relevance = (w1 - w0) x + (b1 - b0)
+            for h, head in enumerate(student.heads):
+                head.weight[1] = head.weight[0] + scale[h] * (head.weight[1] - head.weight[0])
+                head.bias[1] = head.bias[0] + scale[h] * (head.bias[1] - head.bias[0]) + shift[h]
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -141,7 +245,7 @@ def build_student(
     source_dir: Path | None,
     tokenizer_dir: Path,
     seed: int,
-) -> tuple[MultiHeadStudent, PreTrainedTokenizerBase]:
+) -> tuple[MultiHeadStudent | BiEncoderStudent, PreTrainedTokenizerBase]:
     """A new student and its tokenizer; `seed` fixes the random parts (heads, fresh weights).
 
     `source_dir` is `spec.init_from` resolved to a folder (None: from scratch); the tokenizer comes from
@@ -149,6 +253,9 @@ def build_student(
     """
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
+    if spec.kind == "bi-encoder":
+        encoder = build_transformer_encoder(spec, source_dir=source_dir, tokenizer=tokenizer)
+        return BiEncoderStudent(encoder, heads=heads, cls_token_id=tokenizer.cls_token_id), tokenizer
     if spec.kind == "transformer":
         encoder = build_transformer_encoder(spec, source_dir=source_dir, tokenizer=tokenizer)
         hidden = encoder.config.hidden_size

@@ -1,6 +1,7 @@
-"""Teachers: cross-encoders (`AutoModelForSequenceClassification`, 2 labels) fine-tuned on the labelled pairs,
-or ready-made folders given by the user. A trained teacher is saved as a Hugging Face folder (safetensors
-weights and tokenizer) under out_dir/teachers/<name>.
+"""Teachers: bi-encoders (app.distill.biencoder) fine-tuned with a ranking loss or used zero-shot,
+cross-encoders (`AutoModelForSequenceClassification`, 2 labels) fine-tuned with cross-entropy, or
+ready-made folders given by the user. A trained teacher is saved as a Hugging Face folder (safetensors
+weights and tokenizer) under out_dir/teachers/<name>; a zero-shot one is its base checkpoint's folder.
 """
 
 import hashlib
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.distill.data import Pair, encode_pairs
+from app.distill.biencoder import BiEncoder, in_batch_ranking_loss, load_bi_encoder
+from app.distill.data import Pair, encode_pairs, encode_separately, group_by_question
 from app.distill.devices import Device
 from app.distill.hooks import Hooks, Progress
 from app.distill.losses import hard_loss
@@ -45,6 +47,11 @@ def prepare_teacher(
         hooks.event(stage, f"ready-made teacher at {folder}")
         hooks.progress(Progress(stage, 1, 1))
         return folder
+    if spec.kind == "bi-encoder" and spec.epochs == 0:
+        folder = resolve_model(spec.base, cache_dir=cache_dir)
+        hooks.event(stage, f"{spec.base} used zero-shot as a bi-encoder")
+        hooks.progress(Progress(stage, 1, 1))
+        return folder
     folder = out_dir / "teachers" / spec.name
     if (folder / "config.json").is_file():
         hooks.event(stage, f"already trained: {folder}")
@@ -52,15 +59,28 @@ def prepare_teacher(
         return folder
 
     base = resolve_model(spec.base, cache_dir=cache_dir)
-    hooks.event(stage, f"fine-tuning {spec.base} on {len(train_pairs)} labelled pairs")
+    hooks.event(stage, f"fine-tuning {spec.base} as a {spec.kind} on {len(train_pairs)} labelled pairs")
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(spec.seed)  # the new classifier head's initialisation
-    # float32 master weights whatever the checkpoint holds: AdamW on half-precision weights loses updates.
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, use_safetensors=True, dtype=torch.float32
-    )
-    encodings = encode_pairs(train_pairs, tokenizer, spec.max_length)
     labels = torch.tensor([p.label for p in train_pairs], dtype=torch.long)
+    groups = None
+    # float32 master weights whatever the checkpoint holds: AdamW on half-precision weights loses updates.
+    if spec.kind == "bi-encoder":
+        model: nn.Module = BiEncoder(AutoModel.from_pretrained(base, use_safetensors=True, dtype=torch.float32))
+        encodings = encode_separately(train_pairs, tokenizer, spec.max_length)
+        groups = group_by_question(train_pairs)
+        question_of = torch.empty(len(train_pairs), dtype=torch.long)
+        for q, members in enumerate(groups):
+            question_of[members] = q
+        targets = {"labels": labels, "group": question_of}
+        loss_fn = in_batch_ranking_loss
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=2, use_safetensors=True, dtype=torch.float32
+        )
+        encodings = encode_pairs(train_pairs, tokenizer, spec.max_length)
+        targets = {"labels": labels}
+        loss_fn = classification_loss
     config = TrainConfig(
         learning_rate=spec.learning_rate,
         batch_size=spec.batch_size,
@@ -74,14 +94,15 @@ def prepare_teacher(
         model,
         stage=stage,
         encodings=encodings,
-        targets={"labels": labels},
-        loss_fn=classification_loss,
+        targets=targets,
+        loss_fn=loss_fn,
         config=config,
         checkpoint_dir=checkpoint_dir,
         device=device,
         hooks=hooks,
+        groups=groups,
     )
-    save_teacher(model, tokenizer, folder)
+    save_teacher(model.encoder if isinstance(model, BiEncoder) else model, tokenizer, folder)
     # The saved folder is the artifact now; its checkpoints (weights and optimiser state, ~3x the model) go.
     shutil.rmtree(checkpoint_dir)
     hooks.event(stage, f"saved to {folder}")
@@ -106,8 +127,12 @@ def save_teacher(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fol
     os.replace(tmp, folder)
 
 
-def load_teacher(folder: Path, device: Device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A teacher ready for inference on `device`, and its tokenizer."""
+def load_teacher(
+    folder: Path, device: Device, kind: str = "cross-encoder"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A teacher of `kind` ready for inference on `device`, and its tokenizer."""
+    if kind == "bi-encoder":
+        return load_bi_encoder(folder, device)
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
     model.to(device.torch_device).eval()
     return model, AutoTokenizer.from_pretrained(folder)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from app.distill.data import EncodedPairs, iter_batches
+from app.distill.data import EncodedPairs, SeparateEncodings, group_batches, iter_batches, questions_per_batch
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks, Progress
 
@@ -69,20 +69,26 @@ def train(
     model: nn.Module,
     *,
     stage: str,
-    encodings: EncodedPairs,
+    encodings: EncodedPairs | SeparateEncodings,
     targets: dict[str, Tensor],
     loss_fn: LossFn,
     config: TrainConfig,
     checkpoint_dir: Path,
     device: Device,
     hooks: Hooks,
+    groups: list[list[int]] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `encodings` (targets indexed like the pairs), resuming from `checkpoint_dir`.
 
-    A finished stage is not redone: its final weights are loaded. Raises Cancelled, after saving a
-    checkpoint, when hooks.should_cancel returns True.
+    With `groups` (the pair indices of each question), a batch holds whole questions, about
+    config.batch_size pairs, for ranking losses. A finished stage is not redone: its final weights are
+    loaded. Raises Cancelled, after saving a checkpoint, when hooks.should_cancel returns True.
     """
-    total = count_steps(len(encodings), config.batch_size, config.epochs, config.max_steps)
+    if groups is None:
+        total = count_steps(len(encodings), config.batch_size, config.epochs, config.max_steps)
+    else:
+        per_batch = questions_per_batch(len(encodings), len(groups), config.batch_size)
+        total = count_steps(len(groups), per_batch, config.epochs, config.max_steps)
     model.to(device.torch_device)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay),
@@ -111,7 +117,10 @@ def train(
     loss_value: float | None = None
     saved_step = step
     while step < total:
-        batches = iter_batches(encodings, batch_size=config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+        if groups is None:
+            batches = iter_batches(encodings, batch_size=config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+        else:
+            batches = group_batches(groups, questions=per_batch, shuffle=True, seed=config.seed, epoch=epoch)
         while position < len(batches) and step < total:
             if hooks.cancel_requested():
                 _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, epoch, position)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.db.base import utcnow
 from app.db.models import FINISHED_STATUSES, Job, JobDataset, JobEvent, Metric, ModelVersion, Tenant
 from app.distill.pretrained import KNOWN_MODELS, is_known_model
-from app.distill.spec import PipelineSpec
+from app.distill.spec import DataSpec, PipelineSpec
 from app.services.datasets import find_dataset
 from app.services.errors import ApiError
 from app.services.pagination import PageRequest, paginate
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[str, str], None]
 """Sends the task of a job: (job_id, task_id) -> None; raises when the broker is unreachable."""
 
-DATA_ROLES = ("train", "eval", "unlabeled")
 # Jobs take minutes: a client refused by the quota learns to come back in half a minute rather than spin.
 QUOTA_RETRY_AFTER_S = 30
 LABELLED_ROLES = frozenset({"train", "eval"})
@@ -60,22 +59,39 @@ def check_model_sources(spec: PipelineSpec, *, model_dirs: Sequence[Path]) -> No
             )
 
 
+def eval_role(index: int) -> str:
+    """The job-dataset role of the index-th evaluation set: 'eval', then 'eval.1', 'eval.2', ..."""
+    return "eval" if index == 0 else f"eval.{index}"
+
+
+def data_by_role(data: DataSpec) -> dict[str, str]:
+    """The spec's data references keyed by job-dataset role (train, eval, eval.1, ..., unlabeled)."""
+    refs = {"train": data.train} | {eval_role(i): ref for i, ref in enumerate(data.eval)}
+    return refs | ({"unlabeled": data.unlabeled} if data.unlabeled is not None else {})
+
+
+def spec_data(by_role: dict[str, str]) -> dict[str, str | list[str]]:
+    """The spec's `data` from values keyed by role: the inverse of data_by_role."""
+    evals = sorted((r for r in by_role if r.split(".")[0] == "eval"), key=lambda r: int(r.partition(".")[2] or 0))
+    data: dict[str, str | list[str]] = {"train": by_role["train"], "eval": [by_role[r] for r in evals]}
+    return data | ({"unlabeled": by_role["unlabeled"]} if "unlabeled" in by_role else {})
+
+
 def resolve_datasets(session: Session, *, tenant_id: str, spec: PipelineSpec) -> dict[str, str]:
-    """Dataset id per data role of `spec` (ids or names); 422 naming `data.<role>` if one is unusable."""
+    """Dataset id per data role of `spec` (ids or names); 422 naming the `data` field if one is unusable."""
     resolved: dict[str, str] = {}
-    for role in DATA_ROLES:
-        ref = getattr(spec.data, role)
-        if ref is None:
-            continue
+    for role, ref in data_by_role(spec.data).items():
         dataset = find_dataset(session, tenant_id=tenant_id, ref=ref)
-        param = f"data.{role}"
+        kind = role.split(".")[0]
+        index = role.partition(".")[2] or "0"
+        param = f"data.eval.{index}" if kind == "eval" and len(spec.data.eval) > 1 else f"data.{kind}"
         if dataset is None:
             raise ApiError(422, "invalid_request", f"{param}: no dataset with id or name '{ref}'", param)
-        if role in LABELLED_ROLES and not dataset.labelled:
+        if kind in LABELLED_ROLES and not dataset.labelled:
             raise ApiError(
                 422,
                 "invalid_request",
-                f"{param}: dataset '{dataset.name}' has no labels; {role} needs them",
+                f"{param}: dataset '{dataset.name}' has no labels; {kind} needs them",
                 param,
             )
         resolved[role] = dataset.id
@@ -136,7 +152,7 @@ def submit_job(
             return _check_same_request(existing, fingerprint), False
     dataset_ids = resolve_datasets(session, tenant_id=tenant.id, spec=spec)
     check_quota(session, tenant=tenant, max_active=max_active)
-    stored_spec = spec.model_copy(update={"data": spec.data.model_copy(update=dataset_ids)})
+    stored_spec = spec.model_copy(update={"data": spec.data.model_copy(update=spec_data(dataset_ids))})
     job = Job(
         tenant_id=tenant.id,
         name=spec.name,

@@ -39,11 +39,27 @@ def test_submit_resolves_names_to_dataset_ids(client, alice, datasets):
     assert (job["status"], job["progress"], job["error"], job["model"]) == ("queued", 0.0, None, None)
     assert job["spec"]["data"] == {
         "train": datasets["train"]["id"],
-        "eval": datasets["eval"]["id"],
+        "eval": [datasets["eval"]["id"]],
         "unlabeled": None,
     }
     got = client.get(f"/v1/jobs/{job['id']}", headers=alice.headers).json()
     assert got["id"] == job["id"] and got["status"] == "queued"
+
+
+def test_a_job_can_name_several_evaluation_sets(client, alice, datasets):
+    spec = make_spec(data={"train": "train", "eval": ["eval", datasets["train"]["id"]]})
+    response = submit(client, alice, spec)
+    assert response.status_code == 201, response.text
+    assert response.json()["spec"]["data"]["eval"] == [datasets["eval"]["id"], datasets["train"]["id"]]
+    # The set at fault is named by its place in the list.
+    bad = submit(client, alice, make_spec(data={"train": "train", "eval": ["eval", "pool"]}))
+    assert bad.status_code == 422
+    assert bad.json()["error"]["param"] == "data.eval.1"
+    assert "has no labels" in bad.json()["error"]["message"]
+    missing = submit(client, alice, make_spec(data={"train": "train", "eval": ["eval", "nope"]}))
+    assert (missing.status_code, missing.json()["error"]["param"]) == (422, "data.eval.1")
+    empty = submit(client, alice, make_spec(data={"train": "train", "eval": []}))
+    assert (empty.status_code, empty.json()["error"]["param"]) == (422, "data.eval")
 
 
 def test_idempotency_key_returns_the_same_job(client, alice, datasets):
@@ -76,7 +92,7 @@ BAD_FIELDS = [
     ("variants", ["kd", "kd"], "variants"),
     ("variants", ["tmkd"], "data.unlabeled"),
     ("teachers.0.learning_rate", -1, "teachers.0.learning_rate"),
-    ("teachers.0.epochs", 0, "teachers.0.epochs"),
+    ("teachers.0.epochs", -1, "teachers.0.epochs"),
     ("teachers.0.max_length", 4, "teachers.0.max_length"),
     ("teachers", [{"name": "t1"}, {"name": "t1"}], "teachers"),
     ("teachers", [], "teachers"),

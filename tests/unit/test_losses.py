@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from app.distill.losses import hard_loss, kd_loss, multi_head_loss, soft_loss
+from app.distill.losses import (
+    hard_loss,
+    kd_loss,
+    listwise_hard_loss,
+    listwise_soft_loss,
+    multi_head_listwise_loss,
+    multi_head_loss,
+    soft_loss,
+)
 
 STUDENT = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, -0.5]])
 TEACHER = torch.tensor([[1.0, 1.0], [-1.0, 2.0], [3.0, 0.0]])
@@ -124,3 +132,46 @@ def test_multi_head_loss_refuses_mismatched_heads() -> None:
     heads = torch.stack([STUDENT, STUDENT], dim=1)
     with pytest.raises(ValueError, match=r"\[B, H, 2\]"):
         multi_head_loss(heads, TEACHER.unsqueeze(1), LABELS, temperature=1.0, alpha=0.5)
+
+
+# Listwise losses: two questions (groups 7 and 3) of three and two candidates, relevance logits.
+SCORES = torch.tensor([2.0, 0.0, -1.0, 0.5, 1.5])
+GROUPS = torch.tensor([7, 7, 7, 3, 3])
+
+
+def test_listwise_soft_loss_is_the_mean_over_questions_of_their_candidates_kl() -> None:
+    teacher = torch.tensor([1.0, 1.0, 0.0, 2.0, -2.0])
+    first = kl(softmax([1.0, 1.0, 0.0], 2), softmax([2.0, 0.0, -1.0], 2))
+    second = kl(softmax([2.0, -2.0], 2), softmax([0.5, 1.5], 2))
+    expected = 4 * (first + second) / 2
+    assert listwise_soft_loss(SCORES, teacher, GROUPS, 2.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_listwise_soft_loss_ignores_the_level_of_a_questions_scores() -> None:
+    shifted = SCORES + torch.tensor([5.0, 5.0, 5.0, -3.0, -3.0])
+    assert listwise_soft_loss(shifted, SCORES, GROUPS, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # A question with a single candidate carries no ranking: no loss, no gradient.
+    lone = torch.tensor([1.0], requires_grad=True)
+    loss = listwise_soft_loss(lone, torch.tensor([-4.0]), torch.tensor([0]), 1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and lone.grad.abs().sum() == 0
+
+
+def test_listwise_hard_loss_is_minus_log_probability_of_the_relevant_candidates() -> None:
+    labels = torch.tensor([0, 1, 1, 1, 1])  # the second question has no irrelevant candidate: left out
+    p = softmax([2.0, 0.0, -1.0])
+    assert listwise_hard_loss(SCORES, labels, GROUPS).item() == pytest.approx(-math.log(p[1] + p[2]), rel=1e-5)
+
+
+def test_multi_head_listwise_loss_sums_heads_and_uses_labels_only_with_alpha_below_one() -> None:
+    heads = torch.stack([torch.zeros(5), SCORES], dim=-1)[:, None].repeat(1, 2, 1)  # [5, 2, 2]
+    teacher = torch.stack([torch.zeros(5), -SCORES], dim=-1)[:, None].repeat(1, 2, 1)
+    labels = torch.tensor([1, 0, 0, 0, 1])
+    one_head = listwise_soft_loss(SCORES, -SCORES, GROUPS, 2.0)
+    both = multi_head_listwise_loss(heads, teacher, None, GROUPS, temperature=2.0, alpha=0.3)
+    assert both.item() == pytest.approx(2 * one_head.item(), rel=1e-5)  # stage 1: alpha taken as 1
+    mixed = multi_head_listwise_loss(heads, teacher, labels, GROUPS, temperature=2.0, alpha=0.3)
+    hard = listwise_hard_loss(SCORES, labels, GROUPS)
+    assert mixed.item() == pytest.approx(2 * (0.7 * hard.item() + 0.3 * one_head.item()), rel=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, H, 2\]"):
+        multi_head_listwise_loss(heads[:, 0], teacher[:, 0], labels, GROUPS, temperature=1.0, alpha=0.5)

@@ -16,21 +16,7 @@ from app.distill import Cancelled, Hooks, Progress, load_ensemble, run_pipeline
 from app.distill.data import read_pairs
 from app.distill.devices import resolve_device
 from app.distill.soft_labels import teacher_soft_labels
-from tests.unit.helpers import make_tiny_base, tiny_data, tiny_spec
-
-
-class Recorder:
-    """Hooks that remember every progress report and event."""
-
-    def __init__(self) -> None:
-        self.progress: list[Progress] = []
-        self.events: list[tuple[str, str]] = []
-
-    def hooks(self) -> Hooks:
-        return Hooks(on_progress=self.progress.append, on_event=lambda s, m: self.events.append((s, m)))
-
-    def messages(self, word: str) -> list[str]:
-        return [f"{s} {m}" for s, m in self.events if word in m]
+from tests.unit.helpers import Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
 def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, shared_data: Path) -> None:
@@ -44,7 +30,7 @@ def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sh
     recorder = Recorder()
     result = run_pipeline(spec, out_dir=tmp_path / "out", hooks=recorder.hooks())
 
-    eval_pairs = read_pairs(spec.data.eval).pairs
+    eval_pairs = read_pairs(spec.data.eval[0]).pairs
     for variant, heads in {"kd": 1, "mkd": 2, "tkd": 1, "tmkd": 2}.items():
         ensemble = load_ensemble(result.variant_dirs[variant])
         scores = ensemble.score_pairs([p.question for p in eval_pairs], [p.passage for p in eval_pairs])
@@ -58,10 +44,13 @@ def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sh
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report == result.metrics and report["primary"] == "tmkd"
     models = [row["model"] for row in report["rows"]]
-    assert models[:3] == ["teacher:teacher-a", "teacher:teacher-b", "teacher-ensemble"]
+    base = spec.teachers[0].base
+    assert models[:4] == [f"floor:{base}", "teacher:teacher-a", "teacher:teacher-b", "teacher-ensemble"]
     assert {"kd", "kd/member-0", "kd/member-1", "tmkd", "tmkd/member-1"} <= set(models)
-    for row in report["rows"]:
+    floor = report["rows"][0]["map"]
+    for row in report["rows"][1:]:
         assert 0 <= row["map"] <= 1 and row["params"] > 0 and row["cpu_ms_per_question"] > 0
+        assert row["floor"] == floor and row["below_floor"] == (row["map"] < floor)
 
     stages = list(dict.fromkeys(p.stage for p in recorder.progress))
     assert stages[:4] == ["prepare", "teacher:teacher-a", "teacher:teacher-b", "soft_labels"]
@@ -76,13 +65,13 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
     cache = tmp_path / "cache"
     first = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache)
     cached = {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")}
-    assert len(cached) == 6  # 2 teachers x train, eval, unlabeled
+    assert len(cached) == 7  # 2 teachers x train, eval, unlabeled; the base's zero-shot floor on eval
 
     recorder = Recorder()
     again = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache, hooks=recorder.hooks())
 
     assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
-    assert len(recorder.messages("reused cached soft labels")) == 6
+    assert len(recorder.messages("reused cached soft labels")) == 7
     assert len(recorder.messages("already trained")) == 4  # 2 teachers, stage 1, stage 2
     assert [r["map"] for r in again.metrics["rows"]] == [r["map"] for r in first.metrics["rows"]]
 
@@ -96,7 +85,7 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
         hooks=recorder.hooks(),
     )
     assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
-    assert len(recorder.messages("reused cached soft labels")) == 2  # eval, train
+    assert len(recorder.messages("reused cached soft labels")) == 3  # eval, train; the floor on eval
 
 
 def test_an_interrupted_pipeline_resumes_to_the_same_students(tmp_path: Path, shared_data: Path) -> None:

@@ -1,4 +1,4 @@
-"""Students: layer-subset initialisation, both encoder kinds, and saved ensembles that load back the same."""
+"""Students: layer-subset initialisation, every encoder kind, and saved ensembles that load back the same."""
 
 import json
 from pathlib import Path
@@ -71,7 +71,7 @@ def test_a_scratch_student_takes_the_spec_sizes_and_the_tokenizer_vocabulary(tmp
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (1, 16, len(tokenizer))
 
 
-@pytest.mark.parametrize("kind", ["transformer", "bilstm"])
+@pytest.mark.parametrize("kind", ["bi-encoder", "transformer", "bilstm"])
 def test_scores_do_not_depend_on_the_padding_of_the_batch(tmp_path: Path, kind: str) -> None:
     base = make_tiny_base(tmp_path)
     spec = StudentSpec(kind=kind, init_from=str(base), layers=[0, 1], embedding_dim=16, lstm_hidden=8)
@@ -85,7 +85,7 @@ def test_scores_do_not_depend_on_the_padding_of_the_batch(tmp_path: Path, kind: 
     torch.testing.assert_close(logits_padded[1], logits_alone[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["transformer", "bilstm"])
+@pytest.mark.parametrize("kind", ["bi-encoder", "transformer", "bilstm"])
 def test_a_saved_ensemble_loads_back_with_the_same_scores(tmp_path: Path, kind: str) -> None:
     base = make_tiny_base(tmp_path)
     spec = StudentSpec(

@@ -1,0 +1,138 @@
+"""Bi-encoders: the question and the passage encoded apart, mean-pooled, compared by cosine.
+
+Sentence-embedding checkpoints (all-MiniLM-L6-v2, all-mpnet-base-v2) were trained this way, so scoring
+them this way keeps what they know. Used zero-shot they are the floors a distilled model must beat;
+fine-tuned with a ranking loss over each question's candidates and the batch's other passages they are
+teachers that learn the task without forgetting it (a fresh classifier on a cross-encoder's [CLS] token
+starts from nothing the checkpoint learned).
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from app.distill.data import EncodedPairs, Pair, iter_batches
+from app.distill.devices import Device
+from app.distill.hooks import Cancelled, Hooks
+
+# cosine * COSINE_SCALE is the relevance logit: cosines live in [-1, 1], and a softmax over a question's
+# candidates needs a wider range to be confident (the scale sentence-transformers' ranking loss uses).
+COSINE_SCALE = 20.0
+INFERENCE_BATCH = 64
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """The mean of the token states where mask is 1, L2-normalised: [B, T, D] -> [B, D]."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(summed, dim=-1)
+
+
+class BiEncoder(nn.Module):
+    """One encoder for both sides; forward(q_*, p_*) -> 2-class logits [B, 2] = [0, scale * cosine]."""
+
+    def __init__(self, encoder: PreTrainedModel, scale: float = COSINE_SCALE) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.scale = scale
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Unit-length text embeddings [B, D]."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(
+        self, q_input_ids: Tensor, q_attention_mask: Tensor, p_input_ids: Tensor, p_attention_mask: Tensor
+    ) -> Tensor:
+        """Logits [B, 2] of each (question, passage) pair."""
+        cosine = (self.embed(q_input_ids, q_attention_mask) * self.embed(p_input_ids, p_attention_mask)).sum(-1)
+        return torch.stack([torch.zeros_like(cosine), self.scale * cosine], dim=-1)
+
+
+def in_batch_ranking_loss(model: BiEncoder, batch: dict[str, Tensor]) -> Tensor:
+    """-log P(a relevant passage) for each question, softmax over every passage of the batch.
+
+    The question's own candidates are hard negatives, the other questions' passages easy ones (in-batch
+    negatives); a batch holds whole questions (`group` ids) with their hard labels.
+    """
+    groups, labels = batch["group"], batch["labels"]
+    owners, first = torch.unique(groups, return_inverse=True)
+    # The first pair of each question carries its question text.
+    index = torch.full((len(owners),), len(groups), device=groups.device).scatter_reduce(
+        0, first, torch.arange(len(groups), device=groups.device), reduce="amin"
+    )
+    questions = model.embed(batch["q_input_ids"][index], batch["q_attention_mask"][index])
+    passages = model.embed(batch["p_input_ids"], batch["p_attention_mask"])
+    scores = model.scale * questions @ passages.T  # [questions, passages]
+    relevant = (first[None, :] == torch.arange(len(owners), device=groups.device)[:, None]) & (labels[None, :] == 1)
+    useful = relevant.any(dim=1)
+    if not useful.any():
+        return scores.sum() * 0.0
+    log_p = torch.log_softmax(scores.float(), dim=1)
+    return -torch.logsumexp(log_p.masked_fill(~relevant, float("-inf")), dim=1)[useful].mean()
+
+
+def load_bi_encoder(folder: Path, device: Device) -> tuple[BiEncoder, PreTrainedTokenizerBase]:
+    """A bi-encoder over the model folder's encoder, ready for inference on `device`, and its tokenizer."""
+    encoder = AutoModel.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+    model = BiEncoder(encoder).to(device.torch_device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def predict_bi_encoder_logits(
+    model: BiEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    *,
+    max_length: int,
+    device: Device,
+    hooks: Hooks,
+    on_batch: Callable[[], None] | None = None,
+) -> Tensor:
+    """Logits [N, 2] = [0, scale * cosine] of every pair; each distinct text is encoded once."""
+    texts = sorted({p.question for p in pairs} | {p.passage for p in pairs})
+    embeddings = embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks,
+                             on_batch=on_batch)
+    row = {text: i for i, text in enumerate(texts)}
+    questions = embeddings[[row[p.question] for p in pairs]]
+    passages = embeddings[[row[p.passage] for p in pairs]]
+    cosine = (questions * passages).sum(-1)
+    return torch.stack([torch.zeros_like(cosine), model.scale * cosine], dim=-1)
+
+
+def embed_texts(
+    model: BiEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    device: Device,
+    hooks: Hooks,
+    on_batch: Callable[[], None] | None = None,
+) -> Tensor:
+    """Unit-length embeddings [N, D] (float32, CPU) of `texts`, in order, batched by length."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+    encoded = EncodedPairs(input_ids=ids, token_type_ids=None, pad_token_id=tokenizer.pad_token_id or 0)
+    out = torch.empty(len(texts), model.encoder.config.hidden_size)
+    model.eval()
+    with torch.inference_mode():
+        for indices in iter_batches(encoded, batch_size=INFERENCE_BATCH, shuffle=False, seed=0):
+            if hooks.cancel_requested():
+                raise Cancelled("soft_labels: cancelled")
+            batch = device.move(encoded.collate(indices))
+            with device.autocast():
+                out[torch.tensor(indices)] = model.embed(batch["input_ids"], batch["attention_mask"]).float().cpu()
+            if on_batch is not None:
+                on_batch()
+    return out
+
+
+def count_text_batches(pairs: Sequence[Pair]) -> int:
+    """Inference batches predict_bi_encoder_logits runs for `pairs`."""
+    texts = len({p.question for p in pairs} | {p.passage for p in pairs})
+    return -(-texts // INFERENCE_BATCH)
