@@ -70,3 +70,11 @@ def revoke_api_key(session: Session, *, key_or_prefix: str) -> int:
         key.revoked_at = utcnow()
     session.flush()
     return len(revoked)
+
+
+def list_api_keys(session: Session, *, tenant: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every key (live and revoked) with its tenant's name, oldest first; only `tenant`'s when given."""
+    stmt = select(ApiKey, Tenant.name).join(Tenant, ApiKey.tenant_id == Tenant.id).order_by(ApiKey.created_at)
+    if tenant is not None:
+        stmt = stmt.where(Tenant.name == tenant)
+    return [(key, name) for key, name in session.execute(stmt)]

@@ -113,9 +113,9 @@ def test_run_serves_the_demo_and_reuses_its_key(tmp_path, tiny_base):
         spec.write_text(json.dumps(_tiny_job(tiny_base)))
         submitted = _cli("submit", str(spec), "--url", url, "--key", key, "--follow")
         assert submitted.returncode == 0, submitted.stderr
-        assert submitted.stdout.strip().splitlines()[-1].endswith(": succeeded"), submitted.stdout
-        job_id = json.loads(submitted.stdout[: submitted.stdout.index("\n}") + 2])["id"]
-        status = _cli("status", job_id, "--url", url, "--key", key)
+        job_id = submitted.stdout.split()[0]
+        assert submitted.stdout.strip().splitlines()[-1] == f"job {job_id}: succeeded; model demo-cli:1"
+        status = _cli("status", job_id, "--url", url, "--key", key, "--json")
         assert json.loads(status.stdout)["model"] == {"name": "demo-cli", "version": 1}
     finally:
         workers = _stop(process)
