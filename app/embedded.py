@@ -35,6 +35,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "QADISTILL_ARTIFACTS_URL": settings.artifacts_url,
         "QADISTILL_CACHE_DIR": str(settings.cache_dir.resolve()),
         "QADISTILL_WORK_DIR": str(settings.work_dir.resolve()),
+        "QADISTILL_LEASE_S": str(settings.lease_s),
+        "QADISTILL_MAX_TAKEOVERS": str(settings.max_takeovers),
+        "QADISTILL_REQUEUE_AFTER_S": str(settings.requeue_after_s),
+        "QADISTILL_CHECKPOINT_SYNC_S": str(settings.checkpoint_sync_s),
+        "QADISTILL_RETRY_MAX_S": str(settings.retry_max_s),
     }
 
 

@@ -38,6 +38,34 @@ class Settings(BaseSettings):
     max_passage_chars: int = 4000
     max_question_chars: int = 1000
 
+    # Leases, reconciliation and retries (see workers/lease.py and app/services/leases.py).
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a running job's lease lasts without a heartbeat; its worker renews it every third "
+        "of this. A job whose lease expired is taken over by another worker within two lease periods.",
+    )
+    max_takeovers: int = Field(3, ge=0, description="Takeovers after lost workers before a job fails worker_lost.")
+    requeue_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a job may stay queued before its task is sent again, in case the broker lost it.",
+    )
+    checkpoint_sync_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between copies of a running job's checkpoints to the artifact store (0: at every "
+        "step that changed them); a job taken over resumes from the last copy.",
+    )
+    retry_max_s: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds a worker retries a database or broker call that failed for want of the server.",
+    )
+    api_retry_max_s: float = Field(
+        2.0, ge=0, description="Seconds the API retries reaching the database before answering 503."
+    )
+
     # Quotas.
     max_active_jobs: int = Field(
         4, ge=1, description="Jobs one tenant may have queued or running at once; beyond it, 429 with Retry-After."

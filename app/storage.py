@@ -59,6 +59,42 @@ class ArtifactStore:
             self.fs.put(f"{str(local_dir).rstrip('/')}/", self._path(target), recursive=True)
         return target
 
+    def put_text(self, text: str, key: str) -> str:
+        """Store a small text at `key`, whole or not at all for a reader; returns its URI."""
+        target = self.uri(key)
+        if self.is_local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(f"{target}.partial")
+            partial.write_text(text)
+            partial.replace(target)
+        else:
+            self.fs.pipe_file(self._path(target), text.encode())
+        return target
+
+    def read_text(self, uri: str) -> str | None:
+        """The text stored at `uri`, or None when there is none."""
+        try:
+            return self.fs.cat_file(self._path(uri)).decode()
+        except FileNotFoundError:
+            return None
+
+    def get_dir(self, uri: str, local_dir: Path) -> Path:
+        """Copy the stored folder `uri` to `local_dir`, replacing what was there."""
+        shutil.rmtree(local_dir, ignore_errors=True)
+        local_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_local:
+            shutil.copytree(self._path(uri), local_dir)
+        else:
+            self.fs.get(f"{self._path(uri)}/", str(local_dir), recursive=True)
+        return local_dir
+
+    def list_names(self, uri: str) -> list[str]:
+        """The names of the entries of the stored folder `uri` (none when it does not exist)."""
+        path = self._path(uri)
+        if not self.fs.exists(path):
+            return []
+        return sorted(Path(entry).name for entry in self.fs.ls(path, detail=False))
+
     def open(self, uri: str, mode: str = "rb") -> IO[bytes]:
         """Open a stored file."""
         return self.fs.open(self._path(uri), mode)

@@ -36,10 +36,11 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
-    """Transport options: the key prefix, and (Redis) a visibility timeout longer than any job.
+    """Transport options: the key prefix, and (Redis) a long visibility timeout.
 
-    With late acks Redis hands an unacknowledged task to another worker after the visibility timeout;
-    a day keeps a long training job from running twice.
+    With late acks Redis hands an unacknowledged task to another worker after the visibility timeout. It no
+    longer decides anything: a redelivered task finds its job leased or finished, and a job whose worker
+    died is sent again by the workers' reconciliation (app/services/reconcile.py) once its lease expires.
     """
     options: dict[str, object] = {}
     if settings.broker_url.startswith(("redis://", "rediss://")):
@@ -49,9 +50,23 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
     return options
 
 
-def enqueue_job(celery: Celery, job_id: str, task_id: str) -> None:
-    """Send the task that runs job `job_id` to the `gpu` queue."""
-    celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE)
+# Sending a task retries a broker it cannot reach with back-off: 6 tries over about 3 s.
+PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1.0}
+
+
+def enqueue_job(celery: Celery, job_id: str, task_id: str | None = None) -> None:
+    """Send the task that runs job `job_id` to the `gpu` queue, retrying an unreachable broker a few times.
+
+    Sending one job twice is harmless: the second task finds it finished or leased and returns.
+    """
+    celery.send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        task_id=task_id,
+        queue=GPU_QUEUE,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+    )
 
 
 def check_broker(settings: Settings, timeout: float = 3.0) -> None:

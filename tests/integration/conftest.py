@@ -79,13 +79,14 @@ class Stack:
             time.sleep(0.3)
 
 
-def _postgres_settings(home: Path) -> Iterator[Settings]:
+def _postgres_settings(home: Path, **overrides: Any) -> Iterator[Settings]:
     with fresh_database("qadistill_it") as database_url:
         settings = Settings(
             home=home,
             database_url=database_url,
             **private_broker("qadistill-it"),
             artifacts_url=str(home / "artifacts"),
+            **overrides,
         )
         try:
             yield settings
@@ -97,13 +98,13 @@ def _postgres_settings(home: Path) -> Iterator[Settings]:
             broker.close()
 
 
-def _embedded_settings(home: Path) -> Iterator[Settings]:
-    yield Settings(home=home)
+def _embedded_settings(home: Path, **overrides: Any) -> Iterator[Settings]:
+    yield Settings(home=home, **overrides)
 
 
-def _run_stack(kind: str, home: Path) -> Iterator[Stack]:
+def _run_stack(kind: str, home: Path, **overrides: Any) -> Iterator[Stack]:
     make_settings = _postgres_settings if kind == "postgres" else _embedded_settings
-    for settings in make_settings(home):
+    for settings in make_settings(home, **overrides):
         log_path = home / "worker.log"
         # The app's lifespan migrates first, so the worker finds the schema ready.
         with TestClient(create_app(settings)) as client:

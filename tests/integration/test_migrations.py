@@ -21,6 +21,8 @@ TABLES = {
     "job_events",
     "metrics",
     "model_versions",
+    "job_leases",
+    "workers",
 }
 
 pytestmark = pytest.mark.integration
