@@ -7,8 +7,10 @@ from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.api.errors import database_unavailable
 from app.db.base import INTEGER_MAX
 from app.db.models import Tenant
+from app.db.retry import is_transient, with_db_retry
 from app.services.auth import authenticate
 from app.services.errors import ApiError
 from app.services.pagination import PageRequest
@@ -28,8 +30,18 @@ async def get_settings_dep(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """A session for one request, committed by the service functions that write."""
+    """A session for one request, committed by the service functions that write.
+
+    Its connection is taken at once, retried with back-off for up to api_retry_max_s seconds while the
+    database is unreachable (a restart, a dropped connection); after that the request is answered 503.
+    """
     with request.app.state.sessionmaker() as session:
+        try:
+            with_db_retry(session.connection, max_s=request.app.state.settings.api_retry_max_s)
+        except Exception as exc:
+            if is_transient(exc):
+                raise database_unavailable() from exc
+            raise
         yield session
 
 

@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db.retry import is_transient
 from app.services.errors import ApiError
 
 __all__ = ["ApiError", "RequestIds", "install_error_handlers", "validation_error"]
@@ -70,6 +71,29 @@ async def _handle_data_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=422)
 
 
+# How long a client should wait before retrying while the database is unreachable (a restart takes seconds).
+UNAVAILABLE_RETRY_AFTER_S = 5
+
+
+def database_unavailable() -> ApiError:
+    """The 503 answered while the database cannot be reached."""
+    return ApiError(
+        503,
+        "database_unavailable",
+        "the database is unreachable for the moment; retry later",
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+    )
+
+
+async def _handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    if not is_transient(exc):
+        raise exc
+    log.warning("request %s: database unreachable: %s", request.scope.get("request_id"), type(exc.orig).__name__)
+    error = database_unavailable()
+    return JSONResponse(error.to_dict(), status_code=503, headers=error.headers)
+
+
 async def _handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     error = validation_error(list(exc.errors()))
@@ -94,6 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_error)
     app.add_exception_handler(DataError, _handle_data_error)
+    app.add_exception_handler(DBAPIError, _handle_database_error)
 
 
 class RequestIds:
