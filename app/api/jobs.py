@@ -69,7 +69,13 @@ def submit_job(
     + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)); the T^2 keeps gradients on scale.
     """
     settings = request.app.state.settings
-    service.check_model_sources(spec, model_dirs=settings.model_dirs)
+    service.check_runnable(
+        session,
+        spec,
+        model_dirs=settings.model_dirs,
+        cache_dir=settings.cache_dir,
+        gpu_within_s=3 * settings.lease_s,
+    )
     celery = request.app.state.celery
     job, created = service.submit_job(
         session,

@@ -14,11 +14,18 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import FINISHED_STATUSES, Job, JobDataset, JobEvent, Metric, ModelVersion, Tenant
-from app.distill.pretrained import KNOWN_MODELS, is_known_model
+from app.distill.pretrained import (
+    KNOWN_MODELS,
+    ModelNotInstalledError,
+    UnknownModelError,
+    is_known_model,
+    resolve_model,
+)
 from app.distill.spec import DataSpec, PipelineSpec
 from app.services.datasets import find_dataset
 from app.services.errors import ApiError
 from app.services.pagination import PageRequest, paginate
+from app.services.reconcile import gpu_worker_alive
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,53 @@ def check_model_sources(spec: PipelineSpec, *, model_dirs: Sequence[Path]) -> No
                 "a teacher of this job, nor a folder under the server's model_dirs",
                 param,
             )
+
+
+def check_runnable(
+    session: Session, spec: PipelineSpec, *, model_dirs: Sequence[Path], cache_dir: Path | None, gpu_within_s: float
+) -> None:
+    """422 naming the field for what would make the job fail later: a model folder outside `model_dirs` or
+    missing, student layers the base model does not have, `device: cuda` with no GPU worker alive."""
+    check_model_sources(spec, model_dirs=model_dirs)
+    folders = [(f"teachers.{i}.path", t.path) for i, t in enumerate(spec.teachers)]
+    folders += [(f"teachers.{i}.base", t.base) for i, t in enumerate(spec.teachers) if t.path is None]
+    folders.append(("student.init_from", spec.student.init_from))
+    teacher_names = {t.name for t in spec.teachers}
+    for param, source in folders:
+        if source is None or is_known_model(source) or source in teacher_names:
+            continue
+        if not (Path(source) / "config.json").is_file():
+            message = f"{param}: no model folder (with config.json) at '{source}'"
+            raise ApiError(422, "invalid_request", message, param)
+    _check_student_layers(spec, cache_dir=cache_dir)
+    if spec.device == "cuda" and not gpu_worker_alive(session, within_s=gpu_within_s):
+        raise ApiError(
+            422, "invalid_request", "device: 'cuda' was asked for but no GPU worker is running; use 'auto' or 'cpu'",
+            "device",
+        )  # fmt: skip
+
+
+def _check_student_layers(spec: PipelineSpec, *, cache_dir: Path | None) -> None:
+    student = spec.student
+    if student.kind == "bilstm" or student.layers is None or student.init_from is None:
+        return
+    source = student.init_from
+    teacher = next((t for t in spec.teachers if t.name == source), None)
+    if teacher is not None:
+        source = teacher.path or teacher.base
+    try:
+        config = json.loads((resolve_model(source, cache_dir=cache_dir) / "config.json").read_text())
+    except (UnknownModelError, ModelNotInstalledError, OSError, ValueError):
+        return  # the model itself is checked above, or reported by the worker (not installed on this server)
+    depth = config.get("num_hidden_layers", config.get("n_layers", config.get("num_layers")))
+    too_deep = [layer for layer in student.layers if isinstance(depth, int) and layer >= depth]
+    if too_deep:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"student.layers: the base model has {depth} layers (0 to {depth - 1}); {too_deep[0]} is not one",
+            "student.layers",
+        )
 
 
 def eval_role(index: int) -> str:

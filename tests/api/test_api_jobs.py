@@ -2,11 +2,14 @@
 
 import copy
 import json
+import secrets
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.db.session import session_scope
 from app.main import create_app
+from app.services.reconcile import record_worker
 
 
 def make_spec(**overrides):
@@ -257,3 +260,28 @@ def test_one_tenants_quota_does_not_limit_another(client, alice, bob, datasets, 
     upload(bob, pairs_jsonl(4, "bt"), name="train")
     upload(bob, pairs_jsonl(3, "be"), name="eval")
     assert submit(client, bob, make_spec()).status_code == 201
+
+
+def test_what_would_fail_late_is_422_at_submit(client, alice, datasets, settings, tmp_path, monkeypatch):
+    # all-MiniLM-L6-v2 (the default student init_from) has 6 layers: 0 to 5.
+    too_deep = submit(client, alice, make_spec(student={"layers": [0, 99]}))
+    assert (too_deep.status_code, too_deep.json()["error"]["param"]) == (422, "student.layers"), too_deep.text
+    assert "6 layers" in too_deep.json()["error"]["message"]
+    assert submit(client, alice, make_spec(student={"layers": [0, 5]})).status_code == 201
+
+    # No worker has reported a GPU.
+    cuda = submit(client, alice, make_spec(device="cuda"))
+    assert (cuda.status_code, cuda.json()["error"]["param"]) == (422, "device"), cuda.text
+
+    monkeypatch.setattr(settings, "model_dirs", [tmp_path])
+    missing = str(tmp_path / "no-such-model")
+    gone = submit(client, alice, make_spec(teachers=[{"name": "t1", "path": missing}]))
+    assert (gone.status_code, gone.json()["error"]["param"]) == (422, "teachers.0.path"), gone.text
+    student = submit(client, alice, make_spec(student={"init_from": missing}))
+    assert (student.status_code, student.json()["error"]["param"]) == (422, "student.init_from")
+
+    # Once a GPU worker reports in, cuda jobs are taken.
+    with session_scope(settings.database_url) as session:
+        record_worker(session, name=f"gpu-host:{secrets.token_hex(3)}", gpu=True)
+    assert submit(client, alice, make_spec(device="cuda")).status_code == 201
+    assert job_count(client, alice) == 2
