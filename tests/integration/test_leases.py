@@ -32,11 +32,13 @@ LEASE_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def lease_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """PostgreSQL, Redis and a worker with 5 s leases; the workers a test adds are stopped at the end."""
-    home = tmp_path_factory.mktemp("leases")
+def lease_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack (PostgreSQL and Redis unless a test asks for `embedded`) whose worker takes 5 s leases; the
+    workers a test adds are stopped at the end."""
+    kind = getattr(request, "param", "postgres")
+    home = tmp_path_factory.mktemp(f"leases-{kind}")
     overrides = {"lease_s": LEASE_S, "checkpoint_sync_s": 0.0, "requeue_after_s": 4.0, "max_takeovers": 3}
-    for stack in _run_stack("postgres", home, **overrides):
+    for stack in _run_stack(kind, home, **overrides):
         spares: list[subprocess.Popen[bytes]] = []
         stack.spares = spares  # type: ignore[attr-defined]
         try:
@@ -97,6 +99,7 @@ def messages(stack: Stack, caller: Any, job_id: str) -> list[str]:
     return [e["message"] for e in events.json()["data"]]
 
 
+@pytest.mark.parametrize("lease_stack", ["postgres", "embedded"], indirect=True)
 def test_whole_worker_killed_mid_job_is_taken_over_and_resumes(lease_stack, tiny_base):
     stack = lease_stack
     erin = stack.caller(f"erin-{secrets.token_hex(3)}")
