@@ -48,3 +48,23 @@ def test_put_dir_replaces_the_previous_content(store: ArtifactStore, tmp_path: P
     uri = store.put_dir(second, "k")
     listed = {Path(p).name for p in store.fs.find(store.fs._strip_protocol(uri))}
     assert listed == {"new.txt"}
+
+
+def test_job_workspace_snapshots_round_trip(store: ArtifactStore, tmp_path: Path) -> None:
+    from workers.workspace import Workspace
+
+    local = tmp_path / "run-1"
+    first = Workspace(store, key="tenant/jobs/j/work", local=local, epoch=1, every_s=0, still_leased=lambda: None)
+    assert not first.restore()
+    (local / "checkpoints" / "step-2").mkdir(parents=True)
+    (local / "checkpoints" / "step-2" / "model.safetensors").write_bytes(b"w2")
+    first.sync()
+    (local / "checkpoints" / "latest").write_text("step-2")
+    first.sync()
+    assert store.list_names(store.uri("tenant/jobs/j/work")) == ["CURRENT", "snap-0001-000002"]
+
+    taker = Workspace(store, key="tenant/jobs/j/work", local=tmp_path / "run-2", epoch=2, every_s=0,
+                      still_leased=lambda: None)  # fmt: skip
+    assert taker.restore()
+    assert (taker.local / "checkpoints" / "latest").read_text() == "step-2"
+    assert (taker.local / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == b"w2"
