@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app.api import answer, datasets, health, jobs, models
+from app.api import answer, datasets, health, jobs, models, web
 from app.api.deps import reject_nul_characters
 from app.api.errors import RequestIds, install_error_handlers
 from app.api.lookup import VersionLookup
@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         max_body_size=body_cap,
         dependencies=[Depends(reject_nul_characters)],
+        docs_url=None,  # served by app.api.web with local assets, not a CDN's
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -73,4 +75,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(health.RequestMetrics)  # outermost: it counts the 500s that RequestIds renders
     for router in (health.router, datasets.router, jobs.router, models.router, answer.router):
         app.include_router(router)
+    web.add_web(app)
     return app
