@@ -4,7 +4,7 @@
 const KEY_STORAGE = "qadistill.apiKey";
 const POLL_MS = 1500;
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
-// The tiny example job (examples/tiny-job.json): two MiniLM teachers, kd and tmkd students.
+// A tiny job to start from (two MiniLM teachers, kd and tmkd students; examples/ has more).
 const EXAMPLE_SPEC = {
   name: "tiny-demo",
   variants: ["kd", "tmkd"],
