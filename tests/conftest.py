@@ -6,15 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.sample_data import write_sample_data
+
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real Q&A data beside the repository (read only, never copied)."""
-    assert SHARED_DATA.is_dir(), f"expected the shared data at {SHARED_DATA}"
-    return SHARED_DATA
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Q&A files made from the project's demo data, laid out like the benchmarks' data folder."""
+    return write_sample_data(tmp_path_factory.mktemp("sample-data"))

@@ -17,9 +17,9 @@ def upload(stack: Any, caller: Any, content: bytes, name: str) -> str:
     return response.json()["id"]
 
 
-def unlabelled_slice(shared_data: Path, pairs: int = 32) -> bytes:
+def unlabelled_slice(sample_data: Path, pairs: int = 32) -> bytes:
     """The first `pairs` unlabelled pairs of the shared data, as a JSONL upload."""
-    lines = (shared_data / "unlabeled" / "xquad-en-pairs.jsonl").read_text().splitlines()[:pairs]
+    lines = (sample_data / "unlabeled" / "xquad-en-pairs.jsonl").read_text().splitlines()[:pairs]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -15,10 +15,10 @@ from workers.runner import execute_job
 pytestmark = pytest.mark.integration
 
 
-def test_submit_follow_and_read_metrics_and_model(stack, tiny_base, shared_data):
+def test_submit_follow_and_read_metrics_and_model(stack, tiny_base, sample_data):
     alice = stack.caller(f"alice-{secrets.token_hex(3)}")
     upload(stack, alice, DEMO_FILE.read_bytes(), "demo")
-    upload(stack, alice, unlabelled_slice(shared_data), "pool")
+    upload(stack, alice, unlabelled_slice(sample_data), "pool")
     spec = tiny_spec(tiny_base)
     headers = {**alice.headers, "Idempotency-Key": "first-try"}
     submitted = stack.client.post("/v1/jobs", headers=headers, json=spec)

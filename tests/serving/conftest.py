@@ -79,9 +79,9 @@ def train_briefly(
 
 
 @pytest.fixture(scope="session")
-def train_pairs(shared_data: Path) -> list[Pair]:
+def train_pairs(sample_data: Path) -> list[Pair]:
     """The first 400 labelled pairs of WikiQA train."""
-    return read_pairs(shared_data / "wikiqa" / "train.jsonl").pairs[:400]
+    return read_pairs(sample_data / "wikiqa" / "train.jsonl").pairs[:400]
 
 
 @pytest.fixture(scope="session")
@@ -91,8 +91,8 @@ def tiny_ensemble(tmp_path_factory: pytest.TempPathFactory, train_pairs: list[Pa
 
 
 @pytest.fixture(scope="session")
-def eval_pairs(shared_data: Path) -> list[Pair]:
+def eval_pairs(sample_data: Path) -> list[Pair]:
     """The first 60 labelled pairs of WikiQA dev (whole questions)."""
-    pairs = read_pairs(shared_data / "wikiqa" / "dev.jsonl").pairs
+    pairs = read_pairs(sample_data / "wikiqa" / "dev.jsonl").pairs
     qids = list(dict.fromkeys(p.qid for p in pairs[:60]))[:-1]  # drop the question cut in two
     return [p for p in pairs if p.qid in qids]

@@ -60,13 +60,13 @@ def write_slice(source: Path, dest: Path, *, pairs: int) -> Path:
     return dest
 
 
-def tiny_data(tmp_path: Path, shared_data: Path) -> dict[str, str]:
+def tiny_data(tmp_path: Path, sample_data: Path) -> dict[str, str]:
     """Small slices (whole questions) of the shared data under tmp_path: ~40 train, ~30 eval, ~32 unlabelled."""
     folder = tmp_path / "data"
     if not folder.is_dir():
-        write_slice(shared_data / "wikiqa" / "train.jsonl", folder / "train.jsonl", pairs=32)
-        write_slice(shared_data / "wikiqa" / "dev.jsonl", folder / "eval.jsonl", pairs=24)
-        write_slice(shared_data / "unlabeled" / "xquad-en-pairs.jsonl", folder / "unlabeled.jsonl", pairs=30)
+        write_slice(sample_data / "wikiqa" / "train.jsonl", folder / "train.jsonl", pairs=32)
+        write_slice(sample_data / "wikiqa" / "dev.jsonl", folder / "eval.jsonl", pairs=24)
+        write_slice(sample_data / "unlabeled" / "xquad-en-pairs.jsonl", folder / "unlabeled.jsonl", pairs=30)
     return {
         "train": str(folder / "train.jsonl"),
         "eval": str(folder / "eval.jsonl"),
@@ -74,7 +74,7 @@ def tiny_data(tmp_path: Path, shared_data: Path) -> dict[str, str]:
     }
 
 
-def tiny_spec(tmp_path: Path, shared_data: Path, **overrides: Any) -> PipelineSpec:
+def tiny_spec(tmp_path: Path, sample_data: Path, **overrides: Any) -> PipelineSpec:
     """A whole pipeline in seconds: two tiny teachers, a 1-layer student, a few steps per stage, on CPU.
 
     Each override replaces a top-level field; a dict override is merged into that field's tiny default.
@@ -84,7 +84,7 @@ def tiny_spec(tmp_path: Path, shared_data: Path, **overrides: Any) -> PipelineSp
     fields: dict[str, Any] = {
         "name": "tiny",
         "variants": ["tmkd"],
-        "data": tiny_data(tmp_path, shared_data),
+        "data": tiny_data(tmp_path, sample_data),
         "teachers": [teacher | {"name": "teacher-a", "seed": 1}, teacher | {"name": "teacher-b", "seed": 2}],
         "student": {"init_from": base, "layers": [0], "max_length": MAX_LENGTH},
         "stage1": {"batch_size": 8, "max_steps": 3, "learning_rate": 1e-3},

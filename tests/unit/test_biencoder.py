@@ -45,10 +45,10 @@ def test_the_student_encodes_each_side_exactly_as_if_alone(tmp_path: Path) -> No
     torch.testing.assert_close(logits[:, 0, 1], COSINE_SCALE * (question * passage).sum(-1))
 
 
-def test_a_bi_encoder_student_needs_an_init_model_and_token_types(tmp_path: Path, shared_data: Path) -> None:
+def test_a_bi_encoder_student_needs_an_init_model_and_token_types(tmp_path: Path, sample_data: Path) -> None:
     base = make_tiny_base(tmp_path)
     with pytest.raises(ValueError, match="student.init_from"):
-        tiny_spec(tmp_path, shared_data, student={"kind": "bi-encoder", "init_from": None})
+        tiny_spec(tmp_path, sample_data, student={"kind": "bi-encoder", "init_from": None})
     student, tokenizer = build_student(
         StudentSpec(init_from=str(base)), ["a"], source_dir=base, tokenizer_dir=base, seed=0
     )
@@ -125,15 +125,15 @@ def test_calibrated_heads_keep_their_order_and_fit_the_labels(tmp_path: Path, ki
 
 
 def test_a_zero_shot_teacher_scores_as_its_bases_floor_on_every_evaluation_set(
-    tmp_path: Path, shared_data: Path
+    tmp_path: Path, sample_data: Path
 ) -> None:
-    spec = tiny_spec(tmp_path, shared_data)
+    spec = tiny_spec(tmp_path, sample_data)
     base = spec.teachers[0].base
     data = spec.data.model_dump()
     data["eval"] = [data["eval"][0], data["train"]]
     zero_shot = {"name": "zero-shot", "base": base, "epochs": 0, "max_length": 128}
     trained = spec.teachers[0].model_dump() | {"name": "tuned"}
-    spec = tiny_spec(tmp_path, shared_data, data=data, teachers=[zero_shot, trained])
+    spec = tiny_spec(tmp_path, sample_data, data=data, teachers=[zero_shot, trained])
     recorder = Recorder()
     result = run_pipeline(spec, out_dir=tmp_path / "out", hooks=recorder.hooks(), eval_names=["dev", "train"])
 

@@ -29,9 +29,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def dev_rows(shared_data: Path) -> list[dict]:
-    """The first 40 rows of the real WikiQA dev split."""
-    with open(shared_data / "wikiqa" / "dev.jsonl", encoding="utf-8") as f:
+def dev_rows(sample_data: Path) -> list[dict]:
+    """The first 40 rows of the sample train split."""
+    with open(sample_data / "wikiqa" / "train.jsonl", encoding="utf-8") as f:
         return [json.loads(next(f)) for _ in range(40)]
 
 
@@ -48,27 +48,27 @@ def write_delimited(path: Path, rows: list[dict], columns: list[str], delimiter:
     return path
 
 
-def test_reads_the_real_wikiqa_dev_split(shared_data: Path) -> None:
-    result = read_pairs(shared_data / "wikiqa" / "dev.jsonl")
-    assert (len(result.pairs), result.questions, result.skipped, result.format) == (1130, 126, 0, "jsonl")
-    assert 0 < result.positives < 1130
+def test_reads_a_labelled_split(sample_data: Path) -> None:
+    result = read_pairs(sample_data / "wikiqa" / "dev.jsonl")
+    assert (len(result.pairs), result.questions, result.skipped, result.format) == (60, 12, 0, "jsonl")
+    assert result.positives == 12
     first = result.pairs[0]
-    assert first.qid == "wikiqa-dev-2"
-    assert first.question == "how big is bmc software in houston , tx"
-    assert first.label == 0
+    assert first.qid == "demo-19.c0"
+    assert first.question == "how do birds know where to migrate?"
+    assert first.label in (0, 1)
 
 
-def test_the_whole_train_split_reads(shared_data: Path) -> None:
-    result = read_pairs(shared_data / "wikiqa" / "train.jsonl")
-    assert len(result.pairs) == 8672
-    assert result.questions == 873
+def test_the_whole_train_split_reads(sample_data: Path) -> None:
+    result = read_pairs(sample_data / "wikiqa" / "train.jsonl")
+    assert len(result.pairs) == 270
+    assert result.questions == 54
     assert result.format == "jsonl"
 
 
-def test_unlabelled_file_gives_pairs_without_labels(shared_data: Path) -> None:
-    result = read_pairs(shared_data / "unlabeled" / "xquad-en-pairs.jsonl")
-    assert len(result.pairs) == 6084
-    assert result.questions == 1190
+def test_unlabelled_file_gives_pairs_without_labels(sample_data: Path) -> None:
+    result = read_pairs(sample_data / "unlabeled" / "xquad-en-pairs.jsonl")
+    assert len(result.pairs) == 300
+    assert result.questions == 60
     assert result.positives == 0
     assert all(p.label is None for p in result.pairs)
 

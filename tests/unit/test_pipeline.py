@@ -19,10 +19,10 @@ from app.distill.soft_labels import teacher_soft_labels
 from tests.unit.helpers import Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
-def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, shared_data: Path) -> None:
+def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sample_data: Path) -> None:
     spec = tiny_spec(
         tmp_path,
-        shared_data,
+        sample_data,
         variants=["kd", "mkd", "tkd", "tmkd"],
         ensemble_size=2,
         student={"init_from": "teacher-a", "layers": [1]},
@@ -60,8 +60,8 @@ def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sh
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
-def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path, shared_data: Path) -> None:
-    spec = tiny_spec(tmp_path, shared_data)
+def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path, sample_data: Path) -> None:
+    spec = tiny_spec(tmp_path, sample_data)
     cache = tmp_path / "cache"
     first = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache)
     cached = {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")}
@@ -79,7 +79,7 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
     ready = {"name": "ready", "path": str(first.teacher_dirs["teacher-a"]), "max_length": 32}
     recorder = Recorder()
     run_pipeline(
-        tiny_spec(tmp_path, shared_data, variants=["kd"], teachers=[ready]),
+        tiny_spec(tmp_path, sample_data, variants=["kd"], teachers=[ready]),
         out_dir=tmp_path / "other",
         cache_dir=cache,
         hooks=recorder.hooks(),
@@ -88,8 +88,8 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
     assert len(recorder.messages("reused cached soft labels")) == 3  # eval, train; the floor on eval
 
 
-def test_an_interrupted_pipeline_resumes_to_the_same_students(tmp_path: Path, shared_data: Path) -> None:
-    spec = tiny_spec(tmp_path, shared_data)
+def test_an_interrupted_pipeline_resumes_to_the_same_students(tmp_path: Path, sample_data: Path) -> None:
+    spec = tiny_spec(tmp_path, sample_data)
     uninterrupted = run_pipeline(spec, out_dir=tmp_path / "a", cache_dir=tmp_path / "cache-a")
 
     stage = {"name": "", "polls": 0}
@@ -119,16 +119,16 @@ def test_an_interrupted_pipeline_resumes_to_the_same_students(tmp_path: Path, sh
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_a_different_spec_cannot_reuse_an_out_dir(tmp_path: Path, shared_data: Path) -> None:
-    run_pipeline(tiny_spec(tmp_path, shared_data, variants=["kd"]), out_dir=tmp_path / "out")
+def test_a_different_spec_cannot_reuse_an_out_dir(tmp_path: Path, sample_data: Path) -> None:
+    run_pipeline(tiny_spec(tmp_path, sample_data, variants=["kd"]), out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match="out_dir: .* holds a run of a different spec"):
-        run_pipeline(tiny_spec(tmp_path, shared_data, variants=["mkd"]), out_dir=tmp_path / "out")
+        run_pipeline(tiny_spec(tmp_path, sample_data, variants=["mkd"]), out_dir=tmp_path / "out")
 
 
-def test_a_bilstm_student_runs_through_the_pipeline(tmp_path: Path, shared_data: Path) -> None:
+def test_a_bilstm_student_runs_through_the_pipeline(tmp_path: Path, sample_data: Path) -> None:
     spec = tiny_spec(
         tmp_path,
-        shared_data,
+        sample_data,
         variants=["tmkd"],
         student={
             "kind": "bilstm",
@@ -146,8 +146,8 @@ def test_a_bilstm_student_runs_through_the_pipeline(tmp_path: Path, shared_data:
     assert 0 <= scores.scores[0] <= 1
 
 
-def test_the_distill_command_prints_the_report(tmp_path: Path, shared_data: Path) -> None:
-    spec = tiny_spec(tmp_path, shared_data, variants=["kd"], teachers=tiny_spec(tmp_path, shared_data).teachers[:1])
+def test_the_distill_command_prints_the_report(tmp_path: Path, sample_data: Path) -> None:
+    spec = tiny_spec(tmp_path, sample_data, variants=["kd"], teachers=tiny_spec(tmp_path, sample_data).teachers[:1])
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     out = tmp_path / "out"
@@ -159,8 +159,8 @@ def test_the_distill_command_prints_the_report(tmp_path: Path, shared_data: Path
     assert (out / "students" / "kd" / "manifest.json").is_file()
 
 
-def test_the_distill_command_names_the_invalid_field(tmp_path: Path, shared_data: Path) -> None:
-    fields = tiny_spec(tmp_path, shared_data).model_dump(mode="json")
+def test_the_distill_command_names_the_invalid_field(tmp_path: Path, sample_data: Path) -> None:
+    fields = tiny_spec(tmp_path, sample_data).model_dump(mode="json")
     fields["stage2"]["batch_size"] = 0
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(fields))
@@ -171,12 +171,12 @@ def test_the_distill_command_names_the_invalid_field(tmp_path: Path, shared_data
     assert "stage2.batch_size: Input should be greater than or equal to 1" in result.output
 
 
-def test_a_one_logit_teacher_gives_two_class_soft_labels(tmp_path: Path, shared_data: Path) -> None:
+def test_a_one_logit_teacher_gives_two_class_soft_labels(tmp_path: Path, sample_data: Path) -> None:
     base = make_tiny_base(tmp_path)
     folder = tmp_path / "scorer"
     AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
-    pairs = read_pairs(tiny_data(tmp_path, shared_data)["eval"]).pairs
+    pairs = read_pairs(tiny_data(tmp_path, sample_data)["eval"]).pairs
 
     logits = teacher_soft_labels(
         folder,

@@ -88,8 +88,8 @@ class StopAt:
 
 
 @pytest.fixture
-def wikiqa_slice(tmp_path: Path, shared_data: Path) -> list[Pair]:
-    return read_pairs(tiny_data(tmp_path, shared_data)["train"]).pairs[:24]
+def wikiqa_slice(tmp_path: Path, sample_data: Path) -> list[Pair]:
+    return read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs[:24]
 
 
 def run_stage(base: Path, pairs: list[Pair], checkpoint_dir: Path, hooks: Hooks) -> MultiHeadStudent:
