@@ -647,7 +647,10 @@ def _score_with_teacher(
 
 
 def format_report(report: dict) -> str:
-    """The report as a plain-text table, one row per model (the paper's ablation table)."""
+    """The report as plain-text tables, one per evaluation set, one row per model (the paper's ablation table).
+
+    A row under the zero-shot floor of the base it started from is marked `!`.
+    """
     columns = [
         ("model", "model", "{}"),
         ("map", "MAP", "{:.4f}"),
@@ -657,16 +660,23 @@ def format_report(report: dict) -> str:
         ("roc_auc", "AUC", "{:.4f}"),
         ("params", "params", "{:,}"),
         ("cpu_ms_per_question", "CPU ms/q", "{:.1f}"),
+        ("floor", "floor", "{:.4f}"),
     ]
-    cells = [[title for _, title, _ in columns]]
-    for row in report["rows"]:
-        cells.append(["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    evaluated = report["eval"]
-    lines.append(f"{evaluated['questions']} questions, {evaluated['pairs']} pairs; primary: {report['primary']}")
-    return "\n".join(lines)
+    blocks = []
+    for table in report["sets"]:
+        cells = [[title for _, title, _ in columns]]
+        for row in table["rows"]:
+            cells.append(["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns])
+            if row.get("below_floor"):
+                cells[-1][-1] += " !"
+        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in cells
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(0, f"{table['name']}: {table['questions']} questions, {table['pairs']} pairs")
+        blocks.append("\n".join(lines))
+    flagged = any(row.get("below_floor") for table in report["sets"] for row in table["rows"])
+    below = "; ! below its zero-shot floor" if flagged else ""
+    return "\n\n".join(blocks) + f"\nprimary: {report['primary']}{below}"

@@ -11,7 +11,7 @@ from app.distill.calibration import platt_scaling
 from app.distill.data import Pair, encode_separately
 from app.distill.devices import resolve_device
 from app.distill.hooks import Hooks
-from app.distill.pipeline import run_pipeline
+from app.distill.pipeline import format_report, run_pipeline
 from app.distill.spec import StudentSpec
 from app.distill.students import build_student, calibrate_heads
 from tests.unit.helpers import MAX_LENGTH, Recorder, make_tiny_base, tiny_spec
@@ -148,3 +148,8 @@ def test_a_zero_shot_teacher_scores_as_its_bases_floor_on_every_evaluation_set(
         assert rows["teacher:zero-shot"]["map"] == pytest.approx(rows[f"floor:{base}"]["map"])
         assert rows["teacher:zero-shot"]["below_floor"] is False
         assert {"teacher:tuned", "teacher-ensemble", "tmkd"} <= set(rows)
+    # `qadistill distill` prints a table per set, marking rows under their floor.
+    text = format_report(result.metrics)
+    assert text.startswith("dev: ") and "\ntrain: " in text
+    below = [r["model"] for t in sets for r in t["rows"] if r["below_floor"]]
+    assert text.count(" !") == len(below)
