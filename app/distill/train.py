@@ -113,6 +113,8 @@ def train(
         hooks.event(stage, f"resuming from the checkpoint at step {step} of {total}")
 
     model.train()
+    # A short stage still draws a curve: at least ~20 points, at most one every log_every steps.
+    log_every = max(1, min(config.log_every, total // 20))
     hooks.progress(Progress(stage, step, total))
     loss_value: float | None = None
     saved_step = step
@@ -140,7 +142,7 @@ def train(
             step += 1
             position += 1
 
-            if step % config.log_every == 0 or step == total:
+            if step % log_every == 0 or step == total:
                 loss_value = loss.item()
                 lr = scheduler.get_last_lr()[0]
                 hooks.progress(Progress(stage, step, total, loss=loss_value, metrics={"lr": lr}))

@@ -17,8 +17,10 @@ from app.distill.data import (
     Pair,
     encode_pairs,
     file_sha256,
+    group_batches,
     group_by_question,
     iter_batches,
+    questions_per_batch,
     read_pairs,
 )
 
@@ -332,3 +334,14 @@ def test_bucketing_reduces_padding() -> None:
 def test_iter_batches_without_shuffle_or_bucket_keeps_the_order() -> None:
     batches = iter_batches(fake_lengths([3, 1, 2, 5, 4]), batch_size=2, shuffle=False, seed=0, bucket=False)
     assert batches == [[0, 1], [2, 3], [4]]
+
+
+def test_group_batches_keep_questions_whole_and_cover_every_pair_once() -> None:
+    groups = [[0, 1, 2], [3, 4], [5], [6, 7, 8, 9]]
+    batches = group_batches(groups, questions=2, shuffle=True, seed=3, epoch=1)
+    assert len(batches) == 2 and sorted(i for b in batches for i in b) == list(range(10))
+    for batch in batches:
+        assert all(set(g) <= set(batch) or not set(g) & set(batch) for g in groups)
+    assert batches == group_batches(groups, questions=2, shuffle=True, seed=3, epoch=1)
+    assert group_batches(groups, questions=3, shuffle=False, seed=0) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    assert questions_per_batch(num_pairs=100, num_questions=10, batch_size=32) == 3

@@ -167,3 +167,10 @@ def test_auto_picks_the_cpu_without_a_gpu_and_cuda_is_refused(monkeypatch: pytes
     assert resolve_device("auto").torch_device.type == "cpu"
     with pytest.raises(ValueError, match="device: 'cuda' was asked for but no CUDA GPU is visible"):
         resolve_device("cuda")
+
+
+def test_a_short_stage_still_draws_a_curve(tmp_path: Path, wikiqa_slice: list[Pair]) -> None:
+    losses: list[tuple[int, float]] = []
+    hooks = Hooks(on_progress=lambda p: losses.append((p.step, p.loss)) if p.loss is not None else None)
+    run_stage(make_tiny_base(tmp_path), wikiqa_slice, tmp_path / "ckpt", hooks)
+    assert [step for step, _ in losses] == list(range(1, 10))  # 9 steps, one point each (not one at the end)
