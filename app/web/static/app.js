@@ -4,22 +4,8 @@
 const KEY_STORAGE = "qadistill.apiKey";
 const POLL_MS = 1500;
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
-// A tiny job to start from (two MiniLM teachers, kd and tmkd students; examples/ has more).
-const EXAMPLE_SPEC = {
-  name: "tiny-demo",
-  variants: ["kd", "tmkd"],
-  data: { train: "demo", eval: "demo", unlabeled: "demo" },
-  teachers: [
-    { name: "minilm-a", base: "all-MiniLM-L6-v2", learning_rate: 5e-5, batch_size: 8, max_length: 64, max_steps: 4, seed: 1 },
-    { name: "minilm-b", base: "all-MiniLM-L6-v2", learning_rate: 1e-4, batch_size: 8, max_length: 64, max_steps: 4, seed: 2 },
-  ],
-  student: { init_from: "all-MiniLM-L6-v2", layers: [0], max_length: 64 },
-  distill: { temperature: 2.0, alpha: 0.5 },
-  stage1: { batch_size: 16, max_steps: 3, learning_rate: 1e-4 },
-  stage2: { batch_size: 16, max_steps: 5, learning_rate: 1e-4 },
-  checkpoint_every: 5,
-  device: "cpu",
-};
+// A tiny job to start from (examples/tiny-job.json is this same file).
+const EXAMPLE_SPEC_URL = "/static/tiny-job.json";
 
 let timer = null; // the current view's refresh loop; a new view stops the old one
 
@@ -155,7 +141,8 @@ function view(...children) {
 // --- jobs ----------------------------------------------------------------------------------------------
 
 function jobsView() {
-  const spec = h("textarea", { rows: 12, id: "spec", "data-testid": "spec" }, JSON.stringify(EXAMPLE_SPEC, null, 2));
+  const spec = h("textarea", { rows: 12, id: "spec", "data-testid": "spec" });
+  fetch(EXAMPLE_SPEC_URL).then((r) => r.text()).then((text) => { if (!spec.value && document.activeElement !== spec) spec.value = text; });
   const idempotency = h("input", { type: "text", id: "idempotency-key", placeholder: "optional: a retry with it returns the same job" });
   const message = h("div");
   const submit = async (event) => {
@@ -523,7 +510,8 @@ function askView() {
   const passages = h("textarea", { id: "ask-passages", rows: 6 }, "bees make honey.\nthe sky is blue.\nparis is the capital of france.");
   const result = h("div", { "data-testid": "answer" });
   api("GET", "/v1/models?limit=1").then((page) => {
-    if (!model.value && page.data.length) model.value = page.data[0].name;
+    // Only into an untouched box: a user (or a test) typing meanwhile keeps what they typed.
+    if (!model.value && document.activeElement !== model && page.data.length) model.value = page.data[0].name;
   });
   const ask = async (event) => {
     event.preventDefault();
