@@ -28,6 +28,7 @@ import torch
 from machine import describe_machine
 
 from app.distill import PipelineSpec, run_pipeline
+from app.distill.pretrained import resolve_model
 from app.distill.progress import ProgressBars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +74,17 @@ TARGETS = {
 }
 
 
-def build_spec(preset: dict[str, Any], *, seed: int, teachers: list[dict] | None = None) -> PipelineSpec:
+VARIANTS = ["kd", "mkd", "tkd", "tmkd"]
+
+
+def build_spec(
+    preset: dict[str, Any], *, seed: int, teachers: list[dict] | None = None, variants: list[str] = VARIANTS
+) -> PipelineSpec:
     """The benchmark's pipeline spec; `teachers` replaces the preset's (ready-made teachers for later seeds)."""
     return PipelineSpec.model_validate(
         {
             "name": "wikiqa-tmkd",
-            "variants": ["kd", "mkd", "tkd", "tmkd"],
+            "variants": variants,
             "data": {
                 "train": str(SHARED / "wikiqa" / "train.jsonl"),
                 "eval": [str(path) for path in EVAL_SETS.values()],
@@ -115,15 +121,26 @@ def apply_overrides(preset: dict[str, Any], settings: list[str]) -> dict[str, An
     return preset
 
 
+def ready_teachers(spec: PipelineSpec, teacher_dirs: dict[str, Path]) -> list[dict]:
+    """The spec's teachers as ready-made folders (what a later run reuses instead of training them again)."""
+    return [
+        {"name": t.name, "kind": t.kind, "path": str(teacher_dirs[t.name]), "max_length": t.max_length}
+        for t in spec.teachers
+    ]
+
+
 def run_seeds(
-    preset: dict[str, Any], seeds: int, run_dir: Path, later_variants: list[str] | None
+    preset: dict[str, Any],
+    seeds: int,
+    run_dir: Path,
+    variants: list[str],
+    later_variants: list[str] | None,
+    ready: list[dict] | None = None,
 ) -> tuple[list[dict], list[float]]:
     """Reports and minutes of `seeds` runs; runs after the first reuse its teachers (ready-made folders)."""
-    reports, minutes, ready = [], [], None
+    reports, minutes = [], []
     for seed in range(seeds):
-        spec = build_spec(preset, seed=seed, teachers=ready)
-        if seed and later_variants:
-            spec = spec.model_copy(update={"variants": later_variants})
+        spec = build_spec(preset, seed=seed, teachers=ready, variants=(seed and later_variants) or variants)
         started = time.perf_counter()
         bars = ProgressBars()
         result = run_pipeline(
@@ -137,10 +154,7 @@ def run_seeds(
         minutes.append((time.perf_counter() - started) / 60)
         reports.append(result.metrics)
         if ready is None:
-            ready = [
-                {"name": t.name, "kind": t.kind, "path": str(result.teacher_dirs[t.name]), "max_length": t.max_length}
-                for t in spec.teachers
-            ]
+            ready = ready_teachers(spec, result.teacher_dirs)
     return reports, minutes
 
 
@@ -175,7 +189,8 @@ def render_table(summary: dict[str, dict[str, Any]], teacher_ms: float) -> list[
     ]
     for model, s in summary.items():
         maps = s["maps"]
-        spread = f" ± {(max(maps) - min(maps)) / 2:.4f} ({s['runs']} seeds)" if s["runs"] > 1 else ""
+        student = not model.startswith(("floor:", "teacher"))  # the teachers are the same in every seed's run
+        spread = f" ± {(max(maps) - min(maps)) / 2:.4f} ({s['runs']} seeds)" if student and s["runs"] > 1 else ""
         ms = "-" if s["cpu_ms"] is None else f"{s['cpu_ms']:.1f}"
         speedup = "-" if s["cpu_ms"] is None else f"{teacher_ms / s['cpu_ms']:.1f}x"
         params = "-" if not s["params"] else f"{s['params'] / 1e6:.1f}M"
@@ -202,14 +217,15 @@ def verdicts(tables: dict[str, dict[str, dict[str, Any]]], targets: dict[str, An
         lines.append(
             f"- Teacher ensemble >= {targets['teacher_map']} MAP on {IN_DOMAIN}: {mean[teachers]:.4f}: {verdict(ok)}."
         )
-    kept = mean["tmkd"] / mean[teachers]
-    speedup = wiki[teachers]["cpu_ms"] / wiki["tmkd"]["cpu_ms"]
-    ok = mean["tmkd"] >= targets["student_map"] and kept >= targets["map_kept"] and speedup >= targets["speedup"]
-    lines.append(
-        f"- tmkd student ensemble >= {targets['student_map']} MAP on {IN_DOMAIN} and >= {targets['map_kept']:.0%} of "
-        f"the teacher ensemble's, at >= {targets['speedup']:.0f}x less CPU per question: {mean['tmkd']:.4f} "
-        f"(mean of {wiki['tmkd']['runs']} seeds), {kept:.1%}, {speedup:.1f}x: {verdict(ok)}."
-    )
+    if "tmkd" in mean:
+        kept = mean["tmkd"] / mean[teachers]
+        speedup = wiki[teachers]["cpu_ms"] / wiki["tmkd"]["cpu_ms"]
+        ok = mean["tmkd"] >= targets["student_map"] and kept >= targets["map_kept"] and speedup >= targets["speedup"]
+        lines.append(
+            f"- tmkd student ensemble >= {targets['student_map']} MAP on {IN_DOMAIN} and >= {targets['map_kept']:.0%} "
+            f"of the teacher ensemble's, at >= {targets['speedup']:.0f}x less CPU per question: {mean['tmkd']:.4f} "
+            f"(mean of {wiki['tmkd']['runs']} seeds), {kept:.1%}, {speedup:.1f}x: {verdict(ok)}."
+        )
     models = [m for m in trec if m.startswith("teacher:") or "/" not in m and not m.startswith(("floor:", "teacher"))]
     worst = min(models, key=lambda m: min(trec[m]["maps"]))
     worst_map = min(trec[worst]["maps"])
@@ -254,16 +270,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seeds", type=int, default=3, help="student seeds (the first run trains the teachers)")
-    parser.add_argument("--seed-variants", nargs="+", default=None, metavar="VARIANT",
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
+                        help="variants to train (default: all four)")
+    parser.add_argument("--seed-variants", nargs="+", default=None, choices=VARIANTS, metavar="VARIANT",
                         help="variants the later seeds train (default: all four)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset setting, e.g. distill.temperature=1 or student.layers=[0,5]")
+    parser.add_argument("--reuse-teachers", action="store_true",
+                        help="take the teachers the preset's own run trained (an ablation of the students only)")
     parser.add_argument("--write", action="store_true", help="also write benchmarks/results/quality-<preset>.md")
     args = parser.parse_args()
 
     preset = apply_overrides(PRESETS[args.preset], args.settings)
     label = args.preset + "".join(f"-{s.replace('=', '_')}" for s in args.settings)
-    reports, minutes = run_seeds(preset, args.seeds, CACHE / f"run-{label}".replace("/", "_"), args.seed_variants)
+    ready = None
+    if args.reuse_teachers:
+        spec = build_spec(PRESETS[args.preset], seed=0)
+        folder = CACHE / f"run-{args.preset}" / "seed-0" / "teachers"
+        dirs = {t.name: folder / t.name if t.epochs else resolve_model(t.base, cache_dir=CACHE / "artifacts")
+                for t in spec.teachers}
+        ready = ready_teachers(spec, dirs)
+    reports, minutes = run_seeds(
+        preset, args.seeds, CACHE / f"run-{label}".replace("/", "_"), args.variants, args.seed_variants, ready
+    )
     text = render(args.preset, reports, minutes, args.settings)
     print(text)
     if args.write:
