@@ -1,17 +1,16 @@
-"""Dependencies going down: PostgreSQL and Redis behind TCP proxies that the test stops and starts again, so
-that the shared servers (and other tests) are not disturbed. The API answers 503 JSON meanwhile, and jobs
-running or queued at the time still succeed."""
+"""Dependencies going down for real: a private PostgreSQL cluster and a private Redis (no persistence) that the
+test starts itself, stops and starts again, so that the shared servers (and other tests) are not disturbed.
+The API answers 503 JSON meanwhile, and jobs running or queued at the time still succeed."""
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy.engine import make_url
 
 from app.db.session import session_scope
 from app.embedded import start_worker, stop_worker
@@ -19,64 +18,51 @@ from app.main import create_app
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.services.demo import DEMO_FILE
 from app.settings import Settings
-from tests.broker import private_broker
 from tests.integration.conftest import FINISHED
 from tests.integration.flow_helpers import tiny_spec
-from tests.pg import fresh_database
-from tests.proxy import TcpProxy
+from tests.servers import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
 
 
-class Outage:
-    """A database and a Redis database reachable only through proxies; `down()` and `up()` toggle both."""
+class Servers:
+    """The private database and broker servers of one test; `down()` stops both, `up()` starts both again."""
 
-    def __init__(self, database_url: str, broker: dict[str, str]) -> None:
-        db = make_url(database_url)
-        self.real_database_url, self.real_broker_url = database_url, broker["broker_url"]
-        self.db_proxy = TcpProxy(db.host or "127.0.0.1", db.port or 5432)
-        broker_url = make_url(broker["broker_url"])
-        self.redis_proxy = TcpProxy(broker_url.host or "127.0.0.1", broker_url.port or 6379)
-        self.database_url = self.db_proxy.url_for(database_url)
-        self.broker_url = self.redis_proxy.url_for(broker["broker_url"])
-        self.key_prefix = broker["broker_key_prefix"]
+    def __init__(self) -> None:
+        self.postgres = PrivatePostgres()
+        self.redis = PrivateRedis()
 
     def up(self) -> None:
-        self.db_proxy.start()
-        self.redis_proxy.start()
+        self.postgres.start()
+        self.redis.start()
 
-    def down(self, *, lose_broker_messages: bool = False) -> None:
-        self.db_proxy.stop()
-        self.redis_proxy.stop()
-        if lose_broker_messages:  # as Redis restarted without persistence does
-            direct = redis.Redis.from_url(self.real_broker_url)
-            keys = list(direct.scan_iter(f"{self.key_prefix}*"))
-            if keys:
-                direct.delete(*keys)
-            direct.close()
+    def down(self) -> None:
+        self.postgres.stop()
+        self.redis.stop()
+
+    def remove(self) -> None:
+        self.postgres.remove()
+        self.redis.remove()
 
 
 @pytest.fixture
-def outage(tmp_path: Path) -> Iterator[tuple[Outage, Settings]]:
-    with fresh_database("qadistill_out") as database_url:
-        broker = private_broker("qadistill-out")
-        outage = Outage(database_url, broker)
-        outage.up()
+def servers(tmp_path: Path) -> Iterator[tuple[Servers, Settings]]:
+    servers = Servers()
+    try:
+        servers.up()
         settings = Settings(
             home=tmp_path,
-            database_url=outage.database_url,
-            broker_url=outage.broker_url,
-            broker_key_prefix=broker["broker_key_prefix"],
+            database_url=servers.postgres.url,
+            broker_url=servers.redis.url,
             artifacts_url=str(tmp_path / "artifacts"),
             api_retry_max_s=0.5,
             lease_s=5.0,
             requeue_after_s=4.0,
             checkpoint_sync_s=0.0,
         )
-        try:
-            yield outage, settings
-        finally:
-            outage.down(lose_broker_messages=True)
+        yield servers, settings
+    finally:
+        servers.remove()
 
 
 def bearer(settings: Settings, name: str) -> dict[str, str]:
@@ -85,13 +71,23 @@ def bearer(settings: Settings, name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_api_answers_503_json_while_the_database_is_down(outage):
-    proxies, settings = outage
+def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}" + (f"; worker log:\n{log.read_text()[-4000:]}" if log else ""))
+        time.sleep(0.2)
+    return result
+
+
+def test_api_answers_503_json_while_the_database_is_down(servers):
+    private, settings = servers
     with TestClient(create_app(settings)) as client:
         headers = bearer(settings, f"gail-{secrets.token_hex(3)}")
         assert client.get("/v1/jobs", headers=headers).status_code == 200
 
-        proxies.down()
+        private.down()
         for response in (
             client.get("/v1/jobs", headers=headers),
             client.get("/v1/datasets", headers=headers),
@@ -104,23 +100,12 @@ def test_api_answers_503_json_while_the_database_is_down(outage):
         assert client.get("/v1/jobs", headers=headers).json()["error"]["code"] == "database_unavailable"
         assert client.get("/readyz").status_code == 503
 
-        proxies.up()
-        assert client.get("/v1/jobs", headers=headers).status_code == 200
+        private.up()
+        wait_until(lambda: client.get("/v1/jobs", headers=headers).status_code == 200, 30, "the API to recover")
 
 
-def _wait(client: TestClient, headers: dict[str, str], job_id: str, timeout: float, log: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = client.get(f"/v1/jobs/{job_id}", headers=headers)
-        if response.status_code == 200 and response.json()["status"] in FINISHED:
-            return response.json()
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} stuck at {response.text}; worker log:\n{log.read_text()[-4000:]}")
-        time.sleep(0.3)
-
-
-def test_running_and_queued_jobs_survive_database_and_broker_restarts(outage, tiny_base, tmp_path):
-    proxies, settings = outage
+def test_running_and_queued_jobs_survive_database_and_broker_restarts(servers, tiny_base, tmp_path):
+    private, settings = servers
     log_path = tmp_path / "worker.log"
     with TestClient(create_app(settings)) as client:
         headers = bearer(settings, f"hank-{secrets.token_hex(3)}")
@@ -132,18 +117,30 @@ def test_running_and_queued_jobs_survive_database_and_broker_restarts(outage, ti
             spec = tiny_spec(tiny_base, name="survivor", variants=["kd"], teachers=[teacher], checkpoint_every=10)
             spec["data"] = {"train": "demo", "eval": "demo"}
             running = client.post("/v1/jobs", headers=headers, json=spec).json()["id"]
-            deadline = time.monotonic() + 90
-            while not client.get(f"/v1/jobs/{running}", headers=headers).json()["progress"] > 0:
-                assert time.monotonic() < deadline, log_path.read_text()[-4000:]
-                time.sleep(0.2)
-            queued = client.post("/v1/jobs", headers=headers, json=spec | {"name": "waiting"}).json()["id"]
 
-            proxies.down(lose_broker_messages=True)
-            time.sleep(2)  # the outage itself: how long the servers stay down, not a wait for an event
-            proxies.up()
+            def job(job_id: str) -> dict[str, Any]:
+                return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+
+            wait_until(lambda: job(running)["progress"] > 0, 90, "the first job to make progress", log_path)
+            queued = client.post("/v1/jobs", headers=headers, json=spec | {"name": "waiting"}).json()["id"]
+            broker = redis.Redis.from_url(settings.broker_url)
+            assert broker.dbsize() > 0, "the queued job's message is not in Redis"
+            broker.close()
+            assert job(running)["status"] == "running" and job(queued)["status"] == "queued"
+
+            # Both servers restart: PostgreSQL drops every connection, Redis comes back empty.
+            private.down()
+            assert client.get("/readyz").status_code == 503
+            private.up()
+            broker = redis.Redis.from_url(settings.broker_url)
+            assert broker.dbsize() == 0, "Redis kept its messages over the restart"
+            broker.close()
 
             for job_id in (running, queued):
-                job = _wait(client, headers, job_id, 180, log_path)
-                assert job["status"] == "succeeded", (job, log_path.read_text()[-4000:])
+                finished = wait_until(
+                    lambda job_id=job_id: (j := job(job_id)).get("status") in FINISHED and j, 180, "the jobs", log_path
+                )
+                assert finished["status"] == "succeeded", (finished, log_path.read_text()[-4000:])
+            assert worker.poll() is None, "the worker exited during the outage"
         finally:
             stop_worker(worker, timeout=15)
