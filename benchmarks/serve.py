@@ -5,10 +5,10 @@ optimised for serving as registration does: whole (`wikiqa-tmkd`), and its first
 (`wikiqa-tmkd-member-0`, half the work). It drives `POST /v1/models/{name}/answer` with an async load
 generator at concurrency 1, 8 and 32; every request is a WikiQA dev question with 10 candidate passages.
 In the same run it measures the baseline a user would otherwise deploy: the teacher ensemble with plain
-transformers (AutoModelForSequenceClassification), one question at a time, in process (no HTTP, which
-favours it). Prints p50/p95/p99 latency and throughput of each, and the ratios, as a markdown table,
-with each student's compute ceiling on this machine (scored in process, saturated), which bounds what
-any serving layer could reach at concurrency 32.
+transformers (bi-encoders: the question encoded once, the passages in one batch), one question at a
+time, in process (no HTTP, which favours it). Prints p50/p95/p99 latency and throughput of each, and the
+ratios, as a markdown table, with each student's compute ceiling on this machine (scored in process,
+saturated), which bounds what any serving layer could reach at concurrency 32.
 
     python benchmarks/quality.py --preset cpu     # first, once: trains the teachers and the students
     python benchmarks/serve.py [--preset cpu] [--write]
@@ -37,12 +37,14 @@ import httpx
 import numpy as np
 import torch
 from machine import describe_machine
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.db.migrate import upgrade_database
 from app.db.models import ModelVersion
 from app.db.session import session_scope
 from app.distill.data import Pair, read_pairs
+from app.distill.devices import resolve_device
+from app.distill.pretrained import resolve_model
+from app.distill.teachers import load_teacher
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.serving.backends import load_runner
 from app.serving.optimize import optimize_for_serving
@@ -111,14 +113,19 @@ class Student:
     folder: Path
 
 
-def distilled_models(preset: str) -> tuple[list[Student], dict[str, Path]]:
-    """The quality run's tmkd ensemble, its first member alone, and the run's teacher folders."""
-    run = CACHE / f"run-{preset}"
+def distilled_models(preset: str) -> tuple[list[Student], dict[str, tuple[Path, str]]]:
+    """The quality run's tmkd ensemble, its first member alone, and the run's teachers: (folder, kind) by name."""
+    run = CACHE / f"run-{preset}" / "seed-0"
     if not (run / "report.json").is_file():
         sys.exit(f"no finished quality run in {run}: run benchmarks/quality.py --preset {preset} first")
     ensemble = run / "students" / json.loads((run / "report.json").read_text())["primary"]
     alone = first_member_alone(ensemble, CACHE / f"serve-{preset}-member-0")
-    teachers = {p.name: p for p in sorted((run / "teachers").iterdir()) if (p / "config.json").is_file()}
+    teachers = {}
+    for teacher in json.loads((run / "spec.json").read_text())["spec"]["teachers"]:
+        trained = run / "teachers" / teacher["name"]
+        source = teacher["path"] or teacher["base"]
+        folder = trained if trained.is_dir() else resolve_model(source, cache_dir=CACHE / "artifacts")
+        teachers[teacher["name"]] = (folder, teacher["kind"])
     return [Student("wikiqa-tmkd", ensemble), Student("wikiqa-tmkd-member-0", alone)], teachers
 
 
@@ -301,17 +308,27 @@ def measure_students(
     return runs, serving
 
 
-def measure_teachers(teachers: dict[str, Path], requests: list[tuple[str, list[str]]], max_length: int) -> Run:
-    """The teacher ensemble with plain transformers, one question at a time: mean P(relevant) of the teachers."""
-    models = [
-        (AutoTokenizer.from_pretrained(p), AutoModelForSequenceClassification.from_pretrained(p).eval())
-        for p in teachers.values()
-    ]
+def measure_teachers(
+    teachers: dict[str, tuple[Path, str]], requests: list[tuple[str, list[str]]], max_length: int
+) -> Run:
+    """The teacher ensemble with plain transformers, one question at a time: mean score of the teachers.
+
+    A bi-encoder teacher encodes the question once and the passages in one batch; a cross-encoder reads
+    each pair.
+    """
+    cpu = resolve_device("cpu")
+    models = [(*load_teacher(folder, cpu, kind)[::-1], kind) for folder, kind in teachers.values()]
 
     def answer(question: str, passages: list[str]) -> np.ndarray:
         with torch.inference_mode():
             scores = []
-            for tokenizer, model in models:
+            for tokenizer, model, kind in models:
+                if kind == "bi-encoder":
+                    batch = tokenizer([question, *passages], truncation=True, max_length=max_length,
+                                      padding=True, return_tensors="pt")
+                    embeddings = model.embed(batch["input_ids"], batch["attention_mask"])
+                    scores.append((embeddings[1:] @ embeddings[0]).numpy())
+                    continue
                 batch = tokenizer(
                     [question] * len(passages),
                     passages,
