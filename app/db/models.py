@@ -122,6 +122,23 @@ class JobLease(Base):
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class JobTask(Base):
+    """One task of a job's run that may run beside others (a teacher's training), with a lease of its own.
+
+    A task is claimed by one worker at a time; `epoch` is the job lease epoch (the run) it belongs to, so a
+    task of an older run counts as abandoned. `finished_at` marks it done for that run.
+    """
+
+    __tablename__ = "job_tasks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    task: Mapped[str] = mapped_column(String(120), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class WorkerBeat(Base):
     """A live worker: what it can run (a GPU or not), as last reported by its reconciliation loop."""
 

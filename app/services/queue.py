@@ -1,11 +1,14 @@
 """The Celery application's configuration, shared by the API (which sends) and the worker (which runs)."""
 
-from celery import Celery
+from celery import Celery, group
 from kombu import Connection, Exchange, Queue
 
 from app.settings import Settings
 
 RUN_JOB_TASK = "workers.tasks.run_job"
+TRAIN_TEACHER_TASK = "workers.tasks.train_teacher"
+FINISH_JOB_TASK = "workers.tasks.finish_job"
+JOB_TASKS = (RUN_JOB_TASK, TRAIN_TEACHER_TASK, FINISH_JOB_TASK)
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
 VISIBILITY_TIMEOUT_S = 24 * 3600
@@ -18,7 +21,7 @@ def make_celery(settings: Settings) -> Celery:
     celery.conf.update(
         task_queues=[Queue(name, Exchange(name), routing_key=name) for name in (GPU_QUEUE, DEFAULT_QUEUE)],
         task_default_queue=DEFAULT_QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": GPU_QUEUE}},
+        task_routes={name: {"queue": GPU_QUEUE} for name in JOB_TASKS},
         # A task is acknowledged when it ends, and requeued if its worker dies: jobs resume from checkpoints.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -66,6 +69,25 @@ def enqueue_job(celery: Celery, job_id: str, task_id: str | None = None) -> None
         queue=GPU_QUEUE,
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
+    )
+
+
+def enqueue_teachers(celery: Celery, job_id: str, epoch: int, teachers: list[str]) -> None:
+    """Send one task per teacher of run `epoch` as a Celery group, so that as many workers train them at once.
+
+    Each task is told every teacher of the run: the last one to finish sends the run's next step.
+    """
+    tasks = [
+        celery.signature(TRAIN_TEACHER_TASK, args=[job_id, epoch, name, teachers], queue=GPU_QUEUE) for name in teachers
+    ]
+    group(tasks, app=celery).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+
+
+def enqueue_finish(celery: Celery, job_id: str, epoch: int) -> None:
+    """Send the run's last step (soft labels, student stages, evaluation, registration) once its teachers are
+    trained."""
+    celery.send_task(
+        FINISH_JOB_TASK, args=[job_id, epoch], queue=GPU_QUEUE, retry=True, retry_policy=PUBLISH_RETRY_POLICY
     )
 
 

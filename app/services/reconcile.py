@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import Job, WorkerBeat
-from app.services.job_runs import end_abandoned_job, lease_expired
+from app.services.job_runs import QUEUE_HOLDER, end_abandoned_job, lease_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ def sweep_jobs(session: Session, *, lease_s: float, max_takeovers: int, requeue_
     """Repair jobs stranded by a lost worker or a lost broker message; commits each change on its own."""
     sweep = Sweep()
     now = utcnow()
-    stranded = session.scalars(select(Job).where(Job.status.in_(("running", "cancelling")), lease_expired(now)))
+    stranded = session.scalars(select(Job).where(Job.status.in_(("running", "cancelling")), lease_abandoned(now)))
     for job in list(stranded):
         if job.cancel_requested:
             ended = end_abandoned_job(session, job=job, status="cancelled", message="stopped; its worker was lost")
-        elif job.takeovers >= max_takeovers:
+        elif job.takeovers >= max_takeovers and job.lease_owner != QUEUE_HOLDER:
             message = f"its worker was lost {job.takeovers + 1} times (at most {max_takeovers} takeovers)"
             ended = end_abandoned_job(session, job=job, status="failed", message=message, error_code="worker_lost")
         else:

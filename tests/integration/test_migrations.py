@@ -23,6 +23,7 @@ TABLES = {
     "model_versions",
     "job_leases",
     "workers",
+    "job_tasks",
 }
 
 pytestmark = pytest.mark.integration
