@@ -2,6 +2,7 @@
 
 import importlib
 import logging
+import os
 import threading
 from typing import Any
 
@@ -30,7 +31,12 @@ def migrate_on_start(**_kwargs: Any) -> None:
 def preload_pipeline(**_kwargs: Any) -> None:
     """Import torch and the pipeline in a pool process's background, so that a job it receives (a takeover
     above all) starts at once; in the background because the parent waits only seconds for a new child."""
-    threading.Thread(target=importlib.import_module, args=("app.distill.pipeline",), daemon=True).start()
+    threading.Thread(target=_load_pipeline, daemon=True).start()
+
+
+def _load_pipeline() -> None:
+    importlib.import_module("app.distill.pipeline")
+    log.info("pool process %d: pipeline loaded", os.getpid())
 
 
 _sweepers: list[Sweeper] = []

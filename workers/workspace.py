@@ -25,6 +25,11 @@ def workspace_key(tenant_id: str, job_id: str) -> str:
     return f"{tenant_id}/jobs/{job_id}/work"
 
 
+def teacher_key(tenant_id: str, job_id: str, teacher: str) -> str:
+    """The store key of the snapshots of one teacher's task (its checkpoints, then its trained folder)."""
+    return f"{tenant_id}/jobs/{job_id}/teachers/{teacher}"
+
+
 def folder_fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
     """Each file's (relative path, size, mtime): changes whenever the pipeline writes something."""
     files = (p for p in folder.rglob("*") if p.is_file())
@@ -90,5 +95,5 @@ class Workspace:
 
 
 def discard_snapshots(store: ArtifactStore, *, tenant_id: str, job_id: str) -> None:
-    """Delete a finished job's snapshots from the store."""
-    store.delete(store.uri(workspace_key(tenant_id, job_id)))
+    """Delete a finished job's snapshots, its teachers' included, from the store."""
+    store.delete(store.uri(f"{tenant_id}/jobs/{job_id}"))

@@ -24,7 +24,7 @@ from app.services.demo import DEMO_FILE
 from app.storage import ArtifactStore
 from tests.integration.conftest import FINISHED, Stack, _run_stack
 from tests.integration.flow_helpers import tiny_spec, upload
-from workers.workspace import CURRENT, workspace_key
+from workers.workspace import CURRENT, teacher_key, workspace_key
 
 pytestmark = pytest.mark.integration
 
@@ -110,13 +110,15 @@ def test_whole_worker_killed_mid_job_is_taken_over_and_resumes(lease_stack, tiny
     spec["data"] = {"train": "demo", "eval": "demo"}
     job_id = stack.client.post("/v1/jobs", headers=erin.headers, json=spec).json()["id"]
 
-    # Wait for a teacher checkpoint in the artifact store: what another host would resume from.
+    # Wait for a teacher checkpoint in the artifact store (the teacher's task stores its own snapshots): what
+    # another host would resume from.
     store = ArtifactStore(stack.settings.artifacts_url)
     work = store.uri(workspace_key(erin.tenant_id, job_id))
+    teacher_work = store.uri(teacher_key(erin.tenant_id, job_id, "long"))
 
     def stored_checkpoint() -> bool:
-        current = store.read_text(f"{work}/{CURRENT}")
-        teacher_dir = f"{work}/{current}/checkpoints/teacher/long"
+        current = store.read_text(f"{teacher_work}/{CURRENT}")
+        teacher_dir = f"{teacher_work}/{current}/checkpoints/teacher/long"
         return current is not None and any(n.startswith("step-") for n in store.list_names(teacher_dir))
 
     wait_until(stored_checkpoint, 120, "a stored teacher checkpoint")
@@ -135,7 +137,9 @@ def test_whole_worker_killed_mid_job_is_taken_over_and_resumes(lease_stack, tiny
     assert first.released_at is None and second.released_at is not None  # lost, then released at the end
     assert second.acquired_at >= first.expires_at, "two workers held the job at once"
     assert second.acquired_at - killed_at <= timedelta(seconds=2 * LEASE_S)
-    assert store.list_names(work) == [], "the finished job's checkpoints are still stored"
+    # The worker deletes them right after it marks the job succeeded.
+    wait_until(lambda: store.list_names(work) == [], 10, "the finished job's checkpoints to be deleted")
+    assert store.list_names(teacher_work) == [], "the finished job's teacher checkpoints are still stored"
 
 
 def test_cancel_a_job_whose_worker_was_killed(lease_stack, tiny_base):
@@ -183,7 +187,9 @@ def test_killed_pool_process_job_resumes_after_its_lease_expires(lease_stack, ti
     stack = lease_stack
     erin = stack.caller(f"erin-{secrets.token_hex(3)}")
     upload(stack, erin, DEMO_FILE.read_bytes(), "demo")
-    teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "max_steps": 100}
+    # Ten epochs of ~40 steps, at most 100: the teacher trains for seconds, long enough to be caught at it.
+    teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "epochs": 10}
+    teacher["max_steps"] = 100
     spec = tiny_spec(tiny_base, name="child", variants=["kd"], teachers=[teacher], checkpoint_every=10)
     spec["data"] = {"train": "demo", "eval": "demo"}
     job_id = stack.client.post("/v1/jobs", headers=erin.headers, json=spec).json()["id"]
