@@ -61,6 +61,14 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Any = N
 def start_spare_worker(stack: Stack) -> subprocess.Popen[bytes]:
     """Start one more worker process and wait until its reconciliation loop reports it alive."""
     log_path = stack.settings.home / f"worker-{len(stack.spares)}.log"  # type: ignore[attr-defined]
+
+    def first_alive() -> bool:
+        with session_scope(stack.settings.database_url) as session:
+            return session.get(WorkerBeat, f"{socket.gethostname()}:{stack.worker.pid}") is not None
+
+    # Two workers declaring their queues at once race on the embedded broker's queue table (a unique name):
+    # the second starts once the first has declared them.
+    wait_until(first_alive, 90, "the first worker to start")
     worker = start_worker(stack.settings, log_path=log_path, extra_env={"OMP_NUM_THREADS": "1"})
     stack.spares.append(worker)  # type: ignore[attr-defined]
     name = f"{socket.gethostname()}:{worker.pid}"
@@ -76,13 +84,24 @@ def start_spare_worker(stack: Stack) -> subprocess.Popen[bytes]:
 
 def kill_lease_holder(stack: Stack, job_id: str) -> subprocess.Popen[bytes]:
     """SIGKILL the whole process group of the worker holding the job's lease; the other worker survives it."""
-    with session_scope(stack.settings.database_url) as session:
-        owner = session.scalar(select(Job.lease_owner).where(Job.id == job_id))
-    assert owner, "the job holds no lease"
-    group = os.getpgid(int(owner.split(":")[1]))
     workers = [stack.worker, *stack.spares]  # type: ignore[attr-defined]
-    (holder,) = [w for w in workers if w.pid == group]
-    os.killpg(group, signal.SIGKILL)
+    found: list[subprocess.Popen[bytes]] = []
+
+    def held_by_a_worker() -> bool:
+        # Between two steps of the run the lease passes through the queue; wait for a worker to hold it.
+        with session_scope(stack.settings.database_url) as session:
+            owner = session.scalar(select(Job.lease_owner).where(Job.id == job_id))
+        parts = (owner or "").split(":")  # host:pid, or host:pid:task for a teacher task's lease
+        try:
+            group = os.getpgid(int(parts[1]))
+        except (IndexError, ValueError, ProcessLookupError):
+            return False
+        found[:] = [w for w in workers if w.pid == group]
+        return len(found) == 1
+
+    wait_until(held_by_a_worker, 60, "a worker to hold the job's lease")
+    (holder,) = found
+    os.killpg(holder.pid, signal.SIGKILL)
     holder.wait()
     (survivor,) = [w for w in workers if w.poll() is None]
     stack.worker = survivor  # wait_for now watches the survivor
