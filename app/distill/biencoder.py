@@ -131,8 +131,3 @@ def embed_texts(
                 on_batch()
     return out
 
-
-def count_text_batches(pairs: Sequence[Pair]) -> int:
-    """Inference batches predict_bi_encoder_logits runs for `pairs`."""
-    texts = len({p.question for p in pairs} | {p.passage for p in pairs})
-    return -(-texts // INFERENCE_BATCH)
