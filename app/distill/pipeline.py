@@ -523,18 +523,14 @@ def _evaluate(
     sets = []
     for key, name, pairs in data.eval_sets():
         qids, labels = [p.qid for p in pairs], [p.label for p in pairs]
-        rows = []
+        rows, floor_of = [], {}  # floor_of: a base's zero-shot MAP on this set (its rows come first)
         for model, model_scores in scores[key].items():
             quality = ranking_metrics(qids, model_scores.tolist(), labels)
             params, cpu_ms = costs[model]
-            floor_maps = [
-                rows_by_model["map"]
-                for base in row_bases.get(model.split("/")[0], [])
-                for rows_by_model in rows
-                if rows_by_model["model"] == f"floor:{base}"
-            ]
+            floor_maps = [floor_of[b] for b in row_bases.get(model.split("/")[0], []) if b in floor_of]
             floor = max(floor_maps) if floor_maps else None
             if model.startswith("floor:"):
+                floor_of[model.removeprefix("floor:")] = quality["map"]
                 quality["accuracy"] = None  # a cosine, not a probability: no threshold to count
             rows.append(
                 {"model": model}
