@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app.api import answer, datasets, health, jobs, models, web
+from app.api import answer, datasets, health, jobs, models, rerank_cohere, rerank_tei, web
 from app.api.deps import reject_nul_characters
 from app.api.errors import RequestIds, install_error_handlers
 from app.api.lookup import VersionLookup
@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestIds)
     app.add_middleware(health.RequestMetrics)  # outermost: it counts the 500s that RequestIds renders
-    for router in (health.router, datasets.router, jobs.router, models.router, answer.router):
+    routers = (health.router, datasets.router, jobs.router, models.router, answer.router)
+    for router in (*routers, rerank_cohere.router, rerank_tei.router):
         app.include_router(router)
     web.add_web(app)
     return app

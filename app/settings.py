@@ -106,3 +106,10 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+    rerank_model: str | None = Field(
+        None,
+        description="The model (`name`, `name@alias` or `name:version`) that text-embeddings-inference's "
+        "`POST /rerank` ranks with, resolved for the calling key's tenant; also Cohere's `/v1/rerank` when a "
+        "request names no model. Unset: `/rerank` answers 424.",
+    )
+

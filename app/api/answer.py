@@ -8,13 +8,13 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import SettingsDep, bearer, bearer_token, check_body_size
+from app.api.limits import check_limits
 from app.api.lookup import VersionLookup
 from app.api.schemas import ErrorBody
 from app.services.errors import ApiError
 from app.services.redact import redact_text
 from app.serving.batcher import QueueFullError
 from app.serving.runtime import ModelLoadError, ServedVersion, ServingRuntime
-from app.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["answer"])
 
@@ -96,7 +96,7 @@ async def answer(
     body: AnswerRequest, version: VersionDep, runtime: RuntimeDep, settings: SettingsDep
 ) -> dict | JSONResponse:
     """Rank the passages by the ensemble's score, best first."""
-    check_limits(body, settings)
+    check_limits(("question", body.question), ("passages", body.passages), settings)
     try:
         result = await runtime.answer(version, body.question, body.passages, top_k=body.top_k, explain=body.explain)
     except ModelLoadError as err:
@@ -122,19 +122,3 @@ async def answer(
         ],
         "took_ms": round(result.took_ms, 3),
     }
-
-
-def check_limits(body: AnswerRequest, settings: Settings) -> None:
-    """422 naming the field when the question or passages break the configured limits."""
-    if len(body.question) > settings.max_question_chars:
-        raise ApiError(422, "too_long", f"question: longer than {settings.max_question_chars} characters", "question")
-    if len(body.passages) > settings.max_passages:
-        raise ApiError(422, "too_many_passages", f"passages: more than {settings.max_passages} passages", "passages")
-    for i, passage in enumerate(body.passages):
-        if len(passage) > settings.max_passage_chars:
-            raise ApiError(
-                422,
-                "too_long",
-                f"passages.{i}: longer than {settings.max_passage_chars} characters",
-                f"passages.{i}",
-            )
