@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         "an alias moved or a key revoked through another process takes effect within this time.",
     )
 
+    rerank_model: str | None = Field(
+        None,
+        description="The model (`name`, `name@alias` or `name:version`) that text-embeddings-inference's "
+        "`POST /rerank` ranks with, resolved for the calling key's tenant; also Cohere's `/v1/rerank` when a "
+        "request names no model. Unset: `/rerank` answers 424.",
+    )
+
     @model_validator(mode="after")
     def fill_embedded_defaults(self) -> "Settings":
         """Derive embedded-mode URLs under `home`; production must set them explicitly."""
@@ -106,10 +113,3 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
-    rerank_model: str | None = Field(
-        None,
-        description="The model (`name`, `name@alias` or `name:version`) that text-embeddings-inference's "
-        "`POST /rerank` ranks with, resolved for the calling key's tenant; also Cohere's `/v1/rerank` when a "
-        "request names no model. Unset: `/rerank` answers 424.",
-    )
-
