@@ -43,6 +43,7 @@ from app.db.models import ModelVersion
 from app.db.session import session_scope
 from app.distill.data import Pair, read_pairs
 from app.distill.devices import resolve_device
+from app.distill.manifest import read_manifest, write_manifest
 from app.distill.pretrained import resolve_model
 from app.distill.teachers import load_teacher
 from app.services.auth import create_api_key, get_or_create_tenant
@@ -131,11 +132,14 @@ def distilled_models(preset: str) -> tuple[list[Student], dict[str, tuple[Path, 
 
 def first_member_alone(ensemble: Path, out: Path) -> Path:
     """A one-member ensemble folder holding `ensemble`'s first member: what serving one member costs."""
-    manifest = json.loads((ensemble / "manifest.json").read_text())
-    first = manifest["members"][0]
+    manifest = read_manifest(ensemble)
+    first = manifest.members[0]
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(ensemble / first, out / first)
-    (out / "manifest.json").write_text(json.dumps({**manifest, "members": [first], "metrics": {}}, indent=2))
+    standard = [folder for folder in manifest.standard if folder.member == first]
+    if standard:
+        shutil.copytree(ensemble / standard[0].path, out / standard[0].path)
+    write_manifest(out, manifest.model_copy(update={"members": [first], "metrics": {}, "standard": standard}))
     return out
 
 
@@ -373,17 +377,17 @@ def free_port() -> int:
 
 def describe_student(student: Student, serving: dict) -> str:
     """Where the student comes from, its shape and the serving form registration chose for it."""
-    manifest = json.loads((student.folder / "manifest.json").read_text())
-    shape = manifest["spec"]["student"]
+    manifest = read_manifest(student.folder)
+    shape = manifest.spec["student"]
     candidates = ", ".join(
         f"{c['backend']} {c['ms_per_question']:.1f} ms MAP {c['map']:.4f}" if "map" in c else f"{c['backend']} failed"
         for c in serving["candidates"]
     )
     folder = student.folder.relative_to(ROOT) if student.folder.is_relative_to(ROOT) else student.folder
     return (
-        f"- `{student.name}`: `{folder}`, variant {manifest['variant']}, {len(manifest['members'])} member(s) x "
-        f"{len(manifest['heads'])} heads, layers {shape.get('layers')} of {shape.get('init_from')}, max_length "
-        f"{manifest['max_length']}. Served as **{serving['backend']}** (MAP {serving['map_backend']:.4f} vs fp32 "
+        f"- `{student.name}`: `{folder}`, variant {manifest.variant}, {len(manifest.members)} member(s) x "
+        f"{len(manifest.heads)} heads, layers {shape.get('layers')} of {shape.get('init_from')}, max_length "
+        f"{manifest.max_length}. Served as **{serving['backend']}** (MAP {serving['map_backend']:.4f} vs fp32 "
         f"{serving['map_fp32']:.4f} on wikiqa/dev); candidates timed at registration: {candidates}."
     )
 
@@ -479,7 +483,7 @@ def main() -> None:
     requests = questions_with_passages(eval_pairs)
     before = load_average()
     runs, serving = measure_students(students, eval_pairs, requests, max(1, args.repeats))
-    spec = json.loads((students[0].folder / "manifest.json").read_text())["spec"]
+    spec = read_manifest(students[0].folder).spec
     max_length = max(t["max_length"] for t in spec["teachers"])
     teacher = measure_teachers(teachers, requests, max_length)
     table = render(students, runs, teacher, serving, (before, load_average()))

@@ -11,7 +11,7 @@ _EXPORTS = {
     "Cancelled": "app.distill.hooks",
     "Hooks": "app.distill.hooks",
     "Progress": "app.distill.hooks",
-    "EnsembleScores": "app.distill.export",
+    "PairScores": "app.distill.scoring",
     "StudentEnsemble": "app.distill.export",
     "load_ensemble": "app.distill.export",
     "PipelineResult": "app.distill.pipeline",

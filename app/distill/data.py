@@ -275,10 +275,14 @@ class EncodedPairs:
         """Token count of every pair."""
         return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
-    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The batch of these pairs: input_ids, attention_mask (and token_type_ids), padded to the longest."""
+    def pad(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """The model inputs of these pairs as int64 arrays, right-padded to the longest of them.
+
+        input_ids, attention_mask (and token_type_ids): a pair's row never depends on its batch-mates
+        except for the padding columns, which the attention mask hides.
+        """
         if not len(indices):
-            raise ValueError("collate needs at least one index")
+            raise ValueError("pad needs at least one index")
         rows = [self.input_ids[i] for i in indices]
         width = max(len(r) for r in rows)
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
@@ -286,23 +290,35 @@ class EncodedPairs:
         for r, ids in enumerate(rows):
             input_ids[r, : len(ids)] = ids
             attention_mask[r, : len(ids)] = 1
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.token_type_ids is not None:
             token_type_ids = np.zeros((len(rows), width), dtype=np.int64)
             for r, i in enumerate(indices):
                 types = self.token_type_ids[i]
                 token_type_ids[r, : len(types)] = types
-            batch["token_type_ids"] = torch.from_numpy(token_type_ids)
+            batch["token_type_ids"] = token_type_ids
         return batch
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """`pad` as torch tensors: the batch of these pairs for a forward pass."""
+        return {key: torch.from_numpy(array) for key, array in self.pad(indices).items()}
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer: Any, max_length: int) -> EncodedPairs:
-    """Tokenise every (question, passage) with a fast tokenizer, cutting the passage to fit max_length.
+    """Tokenise every (question, passage) with a fast tokenizer, cutting the passage to fit max_length."""
+    return encode_texts([p.question for p in pairs], [p.passage for p in pairs], tokenizer, max_length)
 
-    A question too long to leave room for its passage is cut too ('longest_first' for those pairs only).
+
+def encode_texts(questions: Sequence[str], passages: Sequence[str], tokenizer: Any, max_length: int) -> EncodedPairs:
+    """Tokenise each (question, passage) on its own terms, cutting the passage to fit max_length.
+
+    A question too long to leave room for its passage is cut too ('longest_first' for that pair only):
+    a pair's tokens never depend on the other pairs tokenised with it. Training, evaluation and serving
+    all tokenise through here.
     """
-    questions = [p.question for p in pairs]
-    passages = [p.passage for p in pairs]
+    questions, passages = list(questions), list(passages)
+    if len(questions) != len(passages):
+        raise ValueError(f"{len(questions)} questions but {len(passages)} passages")
     try:
         encoded = _tokenize(tokenizer, questions, passages, max_length, "only_second")
     except Exception:  # the tokenizers library raises a bare Exception when only_second cannot fit

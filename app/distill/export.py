@@ -1,24 +1,22 @@
 """Student ensembles on disk: save, load and score.
 
 Layout of an ensemble folder (a model version's artifact):
-    manifest.json   {"format": "qadistill-ensemble/1", "variant", "combine": "mean", "heads", "members",
-                     "max_length", "spec", "metrics"}
+    manifest.json   the EnsembleManifest (app/distill/manifest.py): variant, heads, members, max_length,
+                    spec, metrics, standard folders and, once registered, the serving choice
     member-<i>/     student.json {kind, heads, max_length, dropout[, bilstm sizes]}, heads.safetensors,
                     model.safetensors (+ config.json for a transformer: the encoder opens with
                     transformers.AutoModel), tokenizer files
+    standard/member-<i>/  the member as a folder other tools open (app/distill/standard.py)
 Only safetensors and JSON are read back: loading never unpickles anything.
 """
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
@@ -26,23 +24,12 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from app.distill.manifest import EnsembleFormatError, EnsembleManifest, read_manifest, write_manifest
+from app.distill.scoring import PairEncoder, PairScores, combine_logits, score_encoded, torch_forward
+from app.distill.standard import STANDARD_DIR, write_standard_folder
 from app.distill.students import BiEncoderStudent, BiLSTMEncoder, MultiHeadStudent
 
-FORMAT = "qadistill-ensemble/1"
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class EnsembleFormatError(ValueError):
-    """A folder that is not a readable student ensemble; the message says what is wrong."""
-
-
-@dataclass
-class EnsembleScores:
-    """P(relevant) per pair: combined [N], per member [N, K], per member and head [N, K, H]."""
-
-    scores: np.ndarray
-    member_scores: np.ndarray
-    head_scores: np.ndarray
 
 
 class StudentEnsemble:
@@ -55,53 +42,38 @@ class StudentEnsemble:
         *,
         max_length: int,
         heads: Sequence[str],
-        manifest: dict[str, Any],
         device: str = "cpu",
     ) -> None:
         self.members = [m.to(device).eval() for m in members]
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.encoder = PairEncoder(tokenizer, max_length)
         self.heads = list(heads)
-        self.manifest = manifest
         self.device = torch.device(device)
 
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The members' tokenizer."""
+        return self.encoder.tokenizer
+
     def encode(self, questions: list[str], passages: list[str]) -> dict[str, Tensor]:
-        """Tokenise (question, passage) pairs into one padded batch, cutting passages to max_length."""
-        return self._tokenize(questions, passages, padding=True, return_tensors="pt")
+        """(question, passage) pairs as one padded batch, each pair tokenised on its own."""
+        encoded = self.encoder(questions, passages)
+        return encoded.collate(range(len(encoded)))
 
-    def tokenize(self, questions: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
-        """Each pair's model inputs as `encode` makes them, unpadded: for batches padded chunk by chunk."""
-        return self._tokenize(questions, passages, padding=False, return_tensors=None)
-
-    def score_batch(self, batch: dict[str, Tensor]) -> EnsembleScores:
+    def score_batch(self, batch: dict[str, Tensor]) -> PairScores:
         """Scores of one encoded batch; every member runs under inference mode."""
         batch = {k: v.to(self.device) for k, v in batch.items() if k in _MODEL_INPUTS}
         with torch.inference_mode():
-            logits = torch.stack([member(**batch).float() for member in self.members], dim=1)  # [N, K, H, 2]
-            head_scores = torch.softmax(logits, dim=-1)[..., 1].cpu().numpy()
-        member_scores = head_scores.mean(axis=2)
-        return EnsembleScores(scores=member_scores.mean(axis=1), member_scores=member_scores, head_scores=head_scores)
+            logits = [member(**batch).float().cpu().numpy() for member in self.members]
+        return combine_logits(logits)
 
-    def score_pairs(self, questions: list[str], passages: list[str]) -> EnsembleScores:
-        """Scores of (question, passage) pairs in one batch."""
-        if len(questions) != len(passages):
-            raise ValueError(f"{len(questions)} questions but {len(passages)} passages")
-        return self.score_batch(self.encode(questions, passages))
-
-    def _tokenize(self, questions: list[str], passages: list[str], **options: Any) -> dict[str, Any]:
-        try:
-            encoded = self.tokenizer(
-                questions, passages, truncation="only_second", max_length=self.max_length, **options
-            )
-        except Exception:  # the tokenizers library raises a bare Exception when a question alone is too long
-            encoded = self.tokenizer(
-                questions, passages, truncation="longest_first", max_length=self.max_length, **options
-            )
-        return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS}
+    def score_pairs(self, questions: list[str], passages: list[str]) -> PairScores:
+        """Scores of (question, passage) pairs, in length-sorted chunks as serving scores them."""
+        forwards = [torch_forward(member, self.device) for member in self.members]
+        return score_encoded(self.encoder(questions, passages), forwards)
 
 
 def save_ensemble(
-    members: Sequence[MultiHeadStudent],
+    members: Sequence[MultiHeadStudent | BiEncoderStudent],
     tokenizer: PreTrainedTokenizerBase,
     out: Path,
     *,
@@ -112,7 +84,8 @@ def save_ensemble(
 ) -> Path:
     """Write the ensemble folder `out` (replacing an earlier one as a whole) and return it.
 
-    max_length comes from spec.student.max_length.
+    max_length comes from spec.student.max_length. Each member is also written as a standard folder
+    (a cross-encoder or a sentence-transformer) where its kind has one.
     """
     spec_dict = spec.model_dump(mode="json") if isinstance(spec, BaseModel) else dict(spec)
     max_length = int(spec_dict["student"]["max_length"])
@@ -121,50 +94,35 @@ def save_ensemble(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     names = [f"member-{i}" for i in range(len(members))]
+    standard = []
     for name, member in zip(names, members, strict=True):
         save_member(member, tokenizer, tmp / name, max_length=max_length)
-    manifest = {
-        "format": FORMAT,
-        "variant": variant,
-        "combine": "mean",
-        "heads": list(heads),
-        "members": names,
-        "max_length": max_length,
-        "spec": spec_dict,
-        "metrics": metrics,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=2, allow_nan=False))
+        folder = write_standard_folder(member, tokenizer, tmp / STANDARD_DIR / name, max_length=max_length)
+        if folder is not None:
+            standard.append(folder.model_copy(update={"member": name, "path": f"{STANDARD_DIR}/{name}"}))
+    manifest = EnsembleManifest(
+        variant=variant,
+        heads=list(heads),
+        members=names,
+        max_length=max_length,
+        spec=spec_dict,
+        metrics=metrics,
+        standard=standard,
+    )
+    write_manifest(tmp, manifest)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
 
-def read_manifest(ensemble_dir: Path) -> dict:
-    """The ensemble folder's manifest.json; EnsembleFormatError when the folder is not an ensemble."""
-    path = Path(ensemble_dir) / "manifest.json"
-    if not path.is_file():
-        raise EnsembleFormatError(f"{ensemble_dir}: no manifest.json, not a student ensemble folder")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise EnsembleFormatError(f"{ensemble_dir}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
 def load_ensemble(path: Path, *, device: str = "cpu") -> StudentEnsemble:
     """Open an ensemble folder written by save_ensemble; EnsembleFormatError when it is not one."""
     path = Path(path)
     manifest = read_manifest(path)
-    members = [load_member(path / name) for name in manifest["members"]]
-    tokenizer = AutoTokenizer.from_pretrained(path / manifest["members"][0])
-    return StudentEnsemble(
-        members,
-        tokenizer,
-        max_length=manifest["max_length"],
-        heads=manifest["heads"],
-        manifest=manifest,
-        device=device,
-    )
+    members = [load_member(path / name) for name in manifest.members]
+    tokenizer = AutoTokenizer.from_pretrained(path / manifest.members[0])
+    return StudentEnsemble(members, tokenizer, max_length=manifest.max_length, heads=manifest.heads, device=device)
 
 
 def save_member(
@@ -216,17 +174,6 @@ def load_member(folder: Path) -> MultiHeadStudent | BiEncoderStudent:
     student.dropout.p = config["dropout"]
     student.heads.load_state_dict(load_file(folder / "heads.safetensors"))
     return student.eval()
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities replaced by None, so it is strict JSON (e.g. ROC-AUC of one class)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:

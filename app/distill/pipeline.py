@@ -28,9 +28,10 @@ from app.distill.biencoder import COSINE_SCALE, BiEncoder
 from app.distill.calibration import calibrated, platt_scaling
 from app.distill.data import Pair, encode_pairs, file_sha256, group_by_question, iter_batches, read_pairs
 from app.distill.devices import Device, resolve_device
-from app.distill.export import StudentEnsemble, json_safe, save_ensemble
+from app.distill.export import StudentEnsemble, save_ensemble
 from app.distill.hooks import Hooks, Progress
 from app.distill.losses import multi_head_listwise_loss, multi_head_loss, relevance
+from app.distill.manifest import json_safe
 from app.distill.metrics import ranking_metrics
 from app.distill.pretrained import resolve_model
 from app.distill.soft_labels import count_batches, teacher_soft_labels
@@ -501,7 +502,7 @@ def _evaluate(
     for variant, students in members.items():
         heads = students[0].head_names
         ensemble = StudentEnsemble(
-            students, tokenizer, max_length=max_length, heads=heads, manifest={}, device=str(device.torch_device)
+            students, tokenizer, max_length=max_length, heads=heads, device=str(device.torch_device)
         )
         for key, _, pairs in data.eval_sets():
             member_scores = _member_scores(ensemble, pairs, max_length, device)
@@ -510,11 +511,11 @@ def _evaluate(
                 for i in range(len(students)):
                     scores[key][f"{variant}/member-{i}"] = member_scores[:, i]
         params = [count_parameters(s) for s in students]
-        on_cpu = StudentEnsemble(students, tokenizer, max_length=max_length, heads=heads, manifest={})
+        on_cpu = StudentEnsemble(students, tokenizer, max_length=max_length, heads=heads)
         costs[variant] = (sum(params), _cpu_ms_of_ensemble(on_cpu, questions, passages))
         if len(students) > 1:
             for i, student in enumerate(students):
-                alone = StudentEnsemble([student], tokenizer, max_length=max_length, heads=heads, manifest={})
+                alone = StudentEnsemble([student], tokenizer, max_length=max_length, heads=heads)
                 costs[f"{variant}/member-{i}"] = (params[i], _cpu_ms_of_ensemble(alone, questions, passages))
         done += 1
         hooks.progress(Progress("evaluate", done, steps))

@@ -1,15 +1,15 @@
 """Run an ensemble folder's members on one inference backend: torch fp32/int8/fp16 or ONNX Runtime fp32/int8.
 
-Every backend shares the tokenisation and the combination of logits; only the members' forward differs.
-A batch is tokenised in one call; its pairs are then sorted by token count and cut into chunks, each
-padded to its own longest pair, so that padding stays small. Each (chunk, member) forward is a separate
-piece of work: on ONNX Runtime they run side by side, one per core.
+Every backend encodes and scores through the core's one path (app/distill/scoring.py): each pair
+tokenised on its own, length-sorted chunks padded on their own, logits combined in one place; only the
+members' forwards differ. Each (chunk, member) forward is a separate piece of work: on ONNX Runtime they
+run side by side, one per core.
 """
 
 import inspect
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +19,24 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from app.distill.export import StudentEnsemble, load_ensemble, read_manifest
+from app.distill.export import StudentEnsemble, load_ensemble
+from app.distill.manifest import EnsembleManifest, read_manifest
+from app.distill.scoring import (
+    DEFAULT_CHUNK_PAIRS,
+    Batch,
+    MemberForward,
+    PairEncoder,
+    PairScores,
+    score_encoded,
+    torch_forward,
+)
 from app.serving.pooled import FirstTokenStudent, supports_first_token
-from app.serving.scoring import PairScores, combine_logits
 
 log = logging.getLogger(__name__)
 
 CPU_BACKENDS = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
 CUDA_BACKEND = "torch-fp16"
 ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
-# Small chunks of length-sorted pairs keep padding low (WikiQA pairs vary from ~15 to 64 tokens) while
-# the matrices stay large enough for efficient kernels.
-DEFAULT_CHUNK_PAIRS = 8
-
-Batch = dict[str, np.ndarray]  # model inputs, int64 [pairs, tokens]
-Tokenize = Callable[[list[str], list[str]], dict[str, list[list[int]]]]
-MemberForward = Callable[[Batch], np.ndarray]
 
 
 class BackendError(RuntimeError):
@@ -46,8 +48,7 @@ class EnsembleRunner:
     """Scores (question, passage) pairs with every member of an ensemble on one backend."""
 
     backend: str
-    tokenize: Tokenize
-    pad_id: int
+    encoder: PairEncoder
     members: list[MemberForward]
     heads: list[str]
     size_bytes: int
@@ -61,59 +62,21 @@ class EnsembleRunner:
 
     def score(self, questions: Sequence[str], passages: Sequence[str]) -> PairScores:
         """P(relevant) of each pair, overall, per member and per head; blocking, call off the event loop."""
-        if len(questions) != len(passages):
-            raise ValueError(f"{len(questions)} questions for {len(passages)} passages")
-        if not passages:
-            raise ValueError("no pairs to score")
-        tokens = self.tokenize(list(questions), list(passages))
-        lengths = [len(ids) for ids in tokens["input_ids"]]
-        order = sorted(range(len(passages)), key=lengths.__getitem__)
-        batches = [pad_rows(tokens, rows, pad_id=self.pad_id) for rows in even_chunks(order, self.chunk_pairs)]
-        forwards = [forward for _ in batches for forward in self.members]
-        inputs = [batch for batch in batches for _ in self.members]
-        if self.pool is None:
-            logits = [forward(batch) for forward, batch in zip(forwards, inputs, strict=True)]
-        else:
-            logits = list(self.pool.map(_call, forwards, inputs))
-        k = len(self.members)
-        parts = [combine_logits(logits[i * k : (i + 1) * k]) for i in range(len(batches))]
-        return PairScores.concat(parts).take(np.argsort(order))
+        encoded = self.encoder(questions, passages)
+        run = map if self.pool is None else self.pool.map
+        return score_encoded(encoded, self.members, chunk_pairs=self.chunk_pairs, run=run)
 
 
-def even_chunks(items: list[int], most: int) -> list[list[int]]:
-    """`items` cut into the fewest consecutive chunks of at most `most`, their sizes differing by one at most."""
-    count = -(-len(items) // most)
-    size, extra = divmod(len(items), count)
-    chunks, start = [], 0
-    for i in range(count):
-        stop = start + size + (i < extra)
-        chunks.append(items[start:stop])
-        start = stop
-    return chunks
-
-
-def pad_rows(tokens: dict[str, list[list[int]]], rows: Sequence[int], *, pad_id: int) -> Batch:
-    """The model inputs of `rows`, right-padded to the longest of them (input ids with pad_id, the rest with 0)."""
-    width = max(len(tokens["input_ids"][i]) for i in rows)
-    batch = {}
-    for key, sequences in tokens.items():
-        array = np.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=np.int64)
-        for row, i in enumerate(rows):
-            array[row, : len(sequences[i])] = sequences[i]
-        batch[key] = array
-    return batch
-
-
-def member_dirs(ensemble_dir: Path, manifest: dict) -> list[Path]:
+def member_dirs(ensemble_dir: Path, manifest: EnsembleManifest) -> list[Path]:
     """The members' folders, in the manifest's order."""
-    return [ensemble_dir / name for name in manifest["members"]]
+    return [ensemble_dir / name for name in manifest.members]
 
 
-def serving_backend(manifest: dict, device: str) -> str:
+def serving_backend(manifest: EnsembleManifest, device: str) -> str:
     """The backend to serve with: fp16 torch on CUDA, else what registration chose (fp32 torch by default)."""
     if device == "cuda":
         return CUDA_BACKEND
-    return manifest.get("serving", {}).get("backend", "torch-fp32")
+    return manifest.serving.backend if manifest.serving is not None else "torch-fp32"
 
 
 def load_runner(
@@ -134,12 +97,12 @@ def load_runner(
 def torch_runner(ensemble: StudentEnsemble, backend: str) -> EnsembleRunner:
     """Run an ensemble's torch members as they are (fp32), int8-quantised, or in fp16 on CUDA."""
     device = torch.device("cuda" if backend == CUDA_BACKEND else "cpu")
-    members = [_torch_member(_prepare_torch_member(m, backend), device) for m in ensemble.members]
+    members = [torch_forward(_prepare_torch_member(m, backend), device) for m in ensemble.members]
     size = sum(_parameter_bytes(m) for m in ensemble.members)
-    return EnsembleRunner(backend, ensemble.tokenize, _pad_id(ensemble), members, list(ensemble.heads), size)
+    return EnsembleRunner(backend, ensemble.encoder, members, list(ensemble.heads), size)
 
 
-def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: int) -> EnsembleRunner:
+def onnx_runner(ensemble_dir: Path, manifest: EnsembleManifest, backend: str, *, threads: int) -> EnsembleRunner:
     """Run the members' ONNX files (written by optimize_for_serving) with ONNX Runtime on the CPU.
 
     The (chunk, member) forwards run side by side, one per core: that scales better than splitting each
@@ -150,18 +113,13 @@ def onnx_runner(ensemble_dir: Path, manifest: dict, backend: str, *, threads: in
     parallel = max(1, (os.cpu_count() or 1) // threads)
     members = [_onnx_member(path, threads) for path in paths]
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="serve-forward") if parallel > 1 else None
-    # Tokenisation stays the core's: an ensemble without torch members only encodes.
     tokenizer = AutoTokenizer.from_pretrained(member_dirs(ensemble_dir, manifest)[0])
-    encoder = StudentEnsemble(
-        [], tokenizer, max_length=manifest["max_length"], heads=manifest["heads"], manifest=manifest
-    )
     size = sum(path.stat().st_size for path in paths)
-    return EnsembleRunner(
-        backend, encoder.tokenize, _pad_id(encoder), members, list(manifest["heads"]), size, pool=pool
-    )
+    encoder = PairEncoder(tokenizer, manifest.max_length)
+    return EnsembleRunner(backend, encoder, members, list(manifest.heads), size, pool=pool)
 
 
-def export_onnx(member: nn.Module, sample: Batch, path: Path) -> None:
+def export_onnx(member: nn.Module, sample: dict[str, torch.Tensor], path: Path) -> None:
     """Write one member as ONNX with dynamic batch and sequence axes (TorchScript-based exporter)."""
     # The exporter names graph inputs in forward()'s parameter order, whatever the order of `sample`.
     names = [name for name in inspect.signature(member.forward).parameters if name in sample]
@@ -241,15 +199,6 @@ def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
     raise BackendError(f"unknown backend {backend!r}; expected one of {(*CPU_BACKENDS, CUDA_BACKEND)}")
 
 
-def _torch_member(member: nn.Module, device: torch.device) -> MemberForward:
-    def forward(batch: Batch) -> np.ndarray:
-        with torch.inference_mode():
-            logits = member(**{k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()})
-        return logits.float().cpu().numpy()
-
-    return forward
-
-
 def _onnx_member(path: Path, threads: int) -> MemberForward:
     import onnxruntime as ort
 
@@ -269,14 +218,6 @@ def _onnx_member(path: Path, threads: int) -> MemberForward:
         return session.run(None, {name: batch[name] for name in wanted})[0]
 
     return forward
-
-
-def _call(forward: MemberForward, batch: Batch) -> np.ndarray:
-    return forward(batch)
-
-
-def _pad_id(ensemble: StudentEnsemble) -> int:
-    return ensemble.tokenizer.pad_token_id or 0
 
 
 def _parameter_bytes(module: nn.Module) -> int:

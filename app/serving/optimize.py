@@ -4,13 +4,11 @@ Candidates: fp32 torch, torch int8 dynamic quantisation (Linear layers), ONNX Ru
 Runtime int8, all loaded at once. Each is timed on one question with 10 passages, the candidates taking
 turns so that a busy moment of a shared CPU weighs on all of them alike, and scored on the job's evaluation set;
 a candidate is acceptable when its MAP is at most 0.5 points (0.005) below fp32's. The fastest
-acceptable one is written into the ensemble folder and recorded in its manifest under "serving".
+acceptable one is written into the ensemble folder and recorded in its manifest (`serving`).
 """
 
-import json
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -19,7 +17,8 @@ from pathlib import Path
 import torch
 
 from app.distill.data import Pair
-from app.distill.export import StudentEnsemble, load_ensemble, read_manifest
+from app.distill.export import StudentEnsemble, load_ensemble
+from app.distill.manifest import EnsembleManifest, ServingChoice, read_manifest, write_manifest
 from app.distill.metrics import ranking_metrics
 from app.serving.backends import (
     CPU_BACKENDS,
@@ -76,21 +75,20 @@ def optimize_for_serving(ensemble_dir: Path, eval_pairs: list[Pair], *, threads:
 
     acceptable = [c for c in candidates if c.get("acceptable")]
     chosen = min(acceptable, key=lambda c: c["ms_per_question"])
-    serving = {
-        "backend": chosen["backend"],
-        "ms_per_question": chosen["ms_per_question"],
-        "map_fp32": map_fp32,
-        "map_backend": chosen["map"],
-        "max_map_drop": MAX_MAP_DROP,
-        "eval_pairs": len(eval_pairs),
-        "candidates": candidates,
-    }
-    _remove_unused_onnx(ensemble_dir, manifest, keep=chosen["backend"])
-    manifest["serving"] = serving
-    _write_manifest(ensemble_dir, manifest)
+    serving = ServingChoice(
+        backend=chosen["backend"],
+        ms_per_question=chosen["ms_per_question"],
+        map_fp32=map_fp32,
+        map_backend=chosen["map"],
+        max_map_drop=MAX_MAP_DROP,
+        eval_pairs=len(eval_pairs),
+        candidates=candidates,
+    )
+    _remove_unused_onnx(ensemble_dir, manifest, keep=serving.backend)
+    write_manifest(ensemble_dir, manifest.model_copy(update={"serving": serving}))
     log.info("%s: serving with %s (%.1f ms per question, MAP %.4f vs fp32 %.4f)",
-             ensemble_dir, chosen["backend"], chosen["ms_per_question"], chosen["map"], map_fp32)
-    return serving
+             ensemble_dir, serving.backend, serving.ms_per_question, serving.map_backend, map_fp32)
+    return serving.model_dump(mode="json")
 
 
 def time_interleaved(runners: dict[str, EnsembleRunner], question: str, passages: Sequence[str]) -> dict[str, float]:
@@ -132,7 +130,7 @@ def _map(runner: EnsembleRunner, pairs: list[Pair]) -> float:
     return ranking_metrics([p.qid for p in pairs], scores.scores.tolist(), [int(p.label) for p in pairs])["map"]
 
 
-def _write_onnx_files(ensemble_dir: Path, manifest: dict, ensemble: StudentEnsemble) -> None:
+def _write_onnx_files(ensemble_dir: Path, manifest: EnsembleManifest, ensemble: StudentEnsemble) -> None:
     """Export each member to ONNX, and its int8 quantised copy; a failure leaves those backends out."""
     # Pairs of different lengths, so that the traced graph is the one that handles padding.
     sample = ensemble.encode(["a sample question ?"] * 2, ["a passage", "another passage, a longer one"])
@@ -145,15 +143,8 @@ def _write_onnx_files(ensemble_dir: Path, manifest: dict, ensemble: StudentEnsem
             return
 
 
-def _remove_unused_onnx(ensemble_dir: Path, manifest: dict, *, keep: str) -> None:
+def _remove_unused_onnx(ensemble_dir: Path, manifest: EnsembleManifest, *, keep: str) -> None:
     for backend, filename in ONNX_FILES.items():
         if backend != keep:
             for folder in member_dirs(ensemble_dir, manifest):
                 (folder / filename).unlink(missing_ok=True)
-
-
-def _write_manifest(ensemble_dir: Path, manifest: dict) -> None:
-    path = ensemble_dir / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)

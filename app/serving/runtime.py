@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from app.distill.scoring import PairScores
 from app.serving.backends import EnsembleRunner, load_runner
 from app.serving.batcher import BatcherClosedError, MicroBatcher
 from app.serving.cache import ModelCache
 from app.serving.metrics import ERRORS, REQUEST_LATENCY
-from app.serving.scoring import PairScores
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

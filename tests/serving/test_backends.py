@@ -7,7 +7,8 @@ import onnx as onnx_format
 import torch
 
 from app.distill.data import Pair
-from app.distill.export import load_ensemble, read_manifest
+from app.distill.export import load_ensemble
+from app.distill.manifest import read_manifest
 from app.serving.backends import (
     ONNX_FILES,
     export_onnx,
@@ -40,7 +41,7 @@ def test_onnx_export_matches_torch_with_other_batch_and_sequence_sizes(
     folder = tmp_path / "ensemble"
     folder.symlink_to(tiny_ensemble)  # reads the shared ensemble; writes only ONNX files beside it
     ensemble = load_ensemble(folder)
-    members = [folder / name for name in read_manifest(folder)["members"]]
+    members = [folder / name for name in read_manifest(folder).members]
     sample = ensemble.encode(["q ?", "q ?"], ["short", "a somewhat longer passage"])
     try:
         for member, member_dir in zip(ensemble.members, members, strict=True):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from app.distill.scoring import PairScores
 from app.serving.batcher import MicroBatcher, QueueFullError
-from app.serving.scoring import PairScores
 
 
 class LengthScorer:
