@@ -48,6 +48,13 @@ class TeacherSpec(_Strict):
     max_length: int = Field(128, ge=8, le=512)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_steps: int | None = Field(None, ge=1, le=2**31 - 1, description="Stop after this many optimiser steps.")
+    keep_base: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="After fine-tuning, each weight becomes keep_base * base + (1 - keep_base) * fine-tuned "
+        "(weight-space ensembling, WiSE-FT): keeps more of what the base checkpoint knew out of domain.",
+    )
 
 
 class StudentSpec(_Strict):

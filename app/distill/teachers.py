@@ -102,11 +102,29 @@ def prepare_teacher(
         hooks=hooks,
         groups=groups,
     )
-    save_teacher(model.encoder if isinstance(model, BiEncoder) else model, tokenizer, folder)
+    trained = model.encoder if isinstance(model, BiEncoder) else model
+    if spec.keep_base > 0:
+        # The encoder body only: a cross-encoder's fresh classifier has no base to go back to.
+        base_state = AutoModel.from_pretrained(base, use_safetensors=True, dtype=torch.float32).state_dict()
+        mix_weights(trained.base_model, base_state, spec.keep_base)
+        hooks.event(stage, f"weights averaged: {spec.keep_base:g} of {spec.base}'s, the rest fine-tuned")
+    save_teacher(trained, tokenizer, folder)
     # The saved folder is the artifact now; its checkpoints (weights and optimiser state, ~3x the model) go.
     shutil.rmtree(checkpoint_dir)
     hooks.event(stage, f"saved to {folder}")
     return folder
+
+
+def mix_weights(model: nn.Module, base_state: dict[str, Tensor], keep: float) -> None:
+    """Set each floating-point weight of `model` to keep * base + (1 - keep) * its own, in place (WiSE-FT).
+
+    Weights the base lacks stay as trained.
+    """
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            base = base_state.get(name)
+            if base is not None and tensor.is_floating_point() and base.shape == tensor.shape:
+                tensor.mul_(1 - keep).add_(base.to(tensor.device, tensor.dtype), alpha=keep)
 
 
 def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
