@@ -15,6 +15,7 @@ from app.api.lookup import VersionLookup
 from app.db.migrate import upgrade_database
 from app.db.session import make_engine, make_sessionmaker
 from app.services.queue import make_celery
+from app.serving.downloads import DownloadCache
 from app.serving.runtime import ServingRuntime
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore
@@ -67,8 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = ArtifactStore(settings.artifacts_url)
     app.state.celery = make_celery(settings)
-    model_cache = settings.cache_dir / "models"
-    app.state.serving = ServingRuntime(settings, fetch_dir=lambda uri: app.state.store.local_dir(uri, model_cache))
+    downloads = DownloadCache(app.state.store, settings.cache_dir / "models", settings.serve_download_cache_bytes)
+    app.state.serving = ServingRuntime(settings, fetch_dir=downloads.fetch)
     app.state.version_lookup = VersionLookup(app.state.sessionmaker, ttl_s=settings.serve_lookup_ttl_s)
     install_error_handlers(app)
     app.add_middleware(RequestIds)

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,23 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Seconds the API retries reaching the database before answering 503."
     )
 
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least level logged.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines of the api and workers: one JSON object each (with request_id) or text."
+    )
+    worker_metrics_port: int = Field(
+        9101,
+        ge=0,
+        le=65535,
+        description="Port of a worker's Prometheus metrics (jobs, stages, queue depth, heartbeat); 0: none. A "
+        "second worker on one host finds it taken and serves none: give each its own.",
+    )
+    metrics_key: str = Field(
+        "",
+        description="A Bearer token that makes /metrics add metrics by model name and version (which name "
+        "tenants' models); without it /metrics shows aggregates only. Empty: never shown.",
+    )
+
     # Quotas.
     max_active_jobs: int = Field(
         4, ge=1, description="Jobs one tenant may have queued or running at once; beyond it, 429 with Retry-After."
@@ -77,6 +95,12 @@ class Settings(BaseSettings):
     serve_max_queue: int = 512
     serve_max_inflight_batches: int = Field(2, ge=1, description="Batches of one model scored at once.")
     serve_cache_bytes: int = 2 * 1024**3
+    serve_download_cache_bytes: int = Field(
+        10 * 1024**3,
+        ge=0,
+        description="Bytes on the API's disk for model folders fetched from a remote (S3) artifact store; the "
+        "least recently used are removed beyond it (the one being loaded is kept).",
+    )
     serve_threads: int = 0
     serve_device: str = Field("auto", description="'auto' (CUDA when visible), 'cpu' or 'cuda' (fp16).")
     serve_lookup_ttl_s: float = Field(

@@ -1,5 +1,6 @@
 """Liveness, readiness and Prometheus metrics."""
 
+import hmac
 import logging
 import time
 
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db.models import JOB_STATUSES, Job
 from app.services.queue import check_broker
+from app.serving.metrics import BY_MODEL
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -56,9 +58,19 @@ def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Requests, latencies and jobs by status in the Prometheus text format."""
+    """Requests, latencies and jobs by status in the Prometheus text format; with the metrics key as Bearer
+    token, also the metrics by model name and version."""
     await run_in_threadpool(_count_jobs, request)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest()
+    if _holds_metrics_key(request):
+        body += generate_latest(BY_MODEL)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _holds_metrics_key(request: Request) -> bool:
+    key = request.app.state.settings.metrics_key
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    return bool(key) and hmac.compare_digest(given.encode(), key.encode())
 
 
 def _count_jobs(request: Request) -> None:
@@ -69,7 +81,8 @@ def _count_jobs(request: Request) -> None:
 
 
 class RequestMetrics:
-    """ASGI middleware: count HTTP requests and time them by route template.
+    """ASGI middleware: count HTTP requests and time them by route template (not event streams, which last
+    as long as the client follows them).
 
     Plain ASGI rather than `app.middleware("http")`, whose per-request task and streams cost the
     answering path about a millisecond.
@@ -84,11 +97,14 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
+        streaming = False
 
         async def send_and_note_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, streaming
             if message["type"] == "http.response.start":
                 status = message["status"]
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                streaming = content_type.startswith(b"text/event-stream")
             await send(message)
 
         try:
@@ -97,4 +113,5 @@ class RequestMetrics:
             # The route template, not the raw path: ids would make one time series per job.
             route = str(getattr(scope.get("route"), "path", "unmatched"))
             REQUESTS.labels(scope["method"], route, str(status)).inc()
-            LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
+            if not streaming:
+                LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)

@@ -6,6 +6,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
+from app.serving.metrics import MODEL_CACHE_BYTES, MODEL_CACHE_EVICTIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +58,7 @@ class ModelCache(Generic[E]):
         """Unload every model."""
         entries = list(self._entries.values())
         self._entries.clear()
+        MODEL_CACHE_BYTES.set(0)
         await asyncio.gather(*(entry.aclose() for entry in entries), *self._closers)
 
     async def _load(self, key: str, load: Callable[[], Awaitable[E]]) -> E:
@@ -71,12 +74,14 @@ class ModelCache(Generic[E]):
         while self.used_bytes > self.capacity_bytes and len(self._entries) > 1:
             key = next(k for k in self._entries if k != keep)
             entry = self._entries.pop(key)
+            MODEL_CACHE_EVICTIONS.inc()
             log.info("unloading model %s (%.1f MB) to stay under %.1f MB",
                      key, entry.size_bytes / 1e6, self.capacity_bytes / 1e6)
             # Its queued questions are still answered: closing drains them in the background.
             closer = asyncio.ensure_future(entry.aclose())
             self._closers.add(closer)
             closer.add_done_callback(self._closers.discard)
+        MODEL_CACHE_BYTES.set(self.used_bytes)
         if self.used_bytes > self.capacity_bytes:
             log.warning("model %s alone (%.1f MB) exceeds the serving cache of %.1f MB; kept loaded",
                         keep, self.used_bytes / 1e6, self.capacity_bytes / 1e6)

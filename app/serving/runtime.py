@@ -19,7 +19,7 @@ from app.distill.scoring import PairScores
 from app.serving.backends import EnsembleRunner, load_runner
 from app.serving.batcher import BatcherClosedError, MicroBatcher
 from app.serving.cache import ModelCache
-from app.serving.metrics import ERRORS, REQUEST_LATENCY
+from app.serving.metrics import ERRORS, MODEL_LATENCY, MODEL_LOAD, REQUEST_LATENCY
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ class ServingRuntime:
         ranked = _rank(scores, passages, heads=model.runner.heads, top_k=top_k, explain=explain)
         took = time.perf_counter() - started
         REQUEST_LATENCY.observe(took)
+        MODEL_LATENCY.labels(version.name, str(version.version)).observe(took)
         return Answer(version, ranked, took * 1000)
 
     async def load(self, version: ServedVersion) -> None:
@@ -182,6 +183,7 @@ class ServingRuntime:
         )
         batcher.start()
         load_ms = (time.perf_counter() - started) * 1000
+        MODEL_LOAD.observe(load_ms / 1000)
         log.info("serving %s:%d (%s) on %s, loaded in %.0f ms",
                  version.name, version.version, version.id, runner.backend, load_ms)
         return LoadedModel(version, runner, batcher, load_ms)

@@ -22,6 +22,7 @@ from app.services.auth import create_api_key, get_or_create_tenant, revoke_api_k
 from app.settings import Settings
 from tests.serving.conftest import build_tiny_ensemble
 
+METRICS_KEY = "metrics-key-for-tests"
 LIMITS = {"max_passages": 12, "max_passage_chars": 300, "max_question_chars": 120, "max_request_bytes": 8000}
 
 
@@ -56,7 +57,7 @@ def second_ensemble(tmp_path_factory: pytest.TempPathFactory, train_pairs: list[
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return make_settings(tmp_path_factory.mktemp("home"))
+    return make_settings(tmp_path_factory.mktemp("home"), metrics_key=METRICS_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,18 @@ def test_answer_ranks_passages_by_the_ensembles_score(
     assert client.get("/readyz").json()["models_loaded"] == 1
     scraped = client.get("/metrics").text
     assert "qadistill_answer_latency_seconds_count" in scraped and 'model="' not in scraped, "no model names"
+
+
+def test_metrics_by_model_and_version_only_with_the_metrics_key(client: TestClient, caller: dict[str, str]) -> None:
+    assert ask(client, caller, "qa:1").status_code == 200
+    latency = 'qadistill_model_answer_latency_seconds_count{model="qa",version="1"}'
+    for headers in ({}, caller, {"Authorization": "Bearer wrong"}):  # no key, a tenant's key, a wrong one
+        scraped = client.get("/metrics", headers=headers).text
+        assert latency not in scraped and 'model="' not in scraped
+        assert "qadistill_model_load_seconds_count" in scraped and "qadistill_model_cache_bytes " in scraped
+        assert "qadistill_model_cache_evictions_total" in scraped
+    scraped = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
+    assert latency in scraped, scraped[-2000:]
 
 
 def test_alias_promotion_and_rollback_switch_the_answering_version(client: TestClient, caller: dict[str, str]) -> None:
