@@ -403,7 +403,7 @@ def _all_pages(fetch: Callable[[str | None], Any], limit: int | None = None) -> 
         page = fetch(cursor)
         items += page.data
         cursor = page.next_cursor
-        if cursor is None or (limit is not None and len(items) >= limit):
+        if not page.has_more or cursor is None or (limit is not None and len(items) >= limit):
             return items[:limit]
 
 
@@ -613,6 +613,20 @@ def promote(
     with _reporting_errors(as_json), _client(url, key) as client:
         moved = client.set_alias(name, version, alias=alias)
     typer.echo(json.dumps(_dump(moved)) if as_json else f"{moved.name}@{moved.alias} -> version {moved.version}")
+
+
+@cli.command()
+def unalias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="The alias to remove (its version stays registered).")],
+    url: ApiUrl = None,
+    key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove NAME@ALIAS; NAME alone then resolves to the latest version if ALIAS was `production`."""
+    with _reporting_errors(as_json), _client(url, key) as client:
+        client.delete_alias(name, alias=alias)
+    typer.echo(json.dumps({"name": name, "alias": alias, "deleted": True}) if as_json else f"{name}@{alias} deleted")
 
 
 @cli.command()

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_TIMEOUT_S = 30.0
@@ -136,6 +136,15 @@ class Page(_Body, Generic[T]):
 
     data: list[T]
     next_cursor: str | None = None
+    has_more: bool = Field(False, description="Whether another page follows.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _has_more_from_cursor(cls, value: Any) -> Any:
+        # A server older than `has_more` still says so through next_cursor.
+        if isinstance(value, dict) and "has_more" not in value:
+            return value | {"has_more": value.get("next_cursor") is not None}
+        return value
 
 
 class ErrorDetail(_Body):
@@ -388,6 +397,10 @@ class Client:
         """Point `name@alias` at `version`: promote a new version or roll back."""
         path = f"/v1/models/{_segment(name)}/aliases/{_segment(alias)}"
         return Alias.model_validate(self._call("PUT", path, json={"version": version}))
+
+    def delete_alias(self, name: str, *, alias: str) -> None:
+        """Remove `name@alias` (the version stays registered); NotFound when there is no such alias."""
+        self._call("DELETE", f"/v1/models/{_segment(name)}/aliases/{_segment(alias)}")
 
     def answer(
         self, model: str, question: str, passages: list[str], *, top_k: int | None = None, explain: bool = False

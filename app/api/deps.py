@@ -4,6 +4,8 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -62,7 +64,8 @@ async def reject_nul_characters(request: Request) -> None:
     """
     for params in (request.path_params, request.query_params):
         for name, value in params.items():
-            if isinstance(value, str) and "\x00" in value:
+            # A list's cursor is checked whole by decode_cursor (400, as any cursor it did not hand out).
+            if name != "cursor" and isinstance(value, str) and "\x00" in value:
                 raise ApiError(422, "invalid_request", f"{name}: must not contain a NUL character", name)
 
 
@@ -111,11 +114,38 @@ def get_current_tenant(
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
+def query_parameters(dependant: Dependant) -> set[str]:
+    """The names of the query parameters a route (its own and its dependencies') takes."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= query_parameters(sub)
+    return names
+
+
 async def get_page(
+    request: Request,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    cursor: Annotated[
+        str | None, Query(description="`next_cursor` of the previous page; any other value is a 400.")
+    ] = None,
 ) -> PageRequest:
-    """The page a list request asks for."""
+    """The page a list request asks for; 400 on a query parameter the list does not take.
+
+    A client paging by another API's convention (`after`, `starting_after`, `page`, `offset`) would otherwise
+    get the first page back for ever.
+    """
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute):
+        known = query_parameters(route.dependant)
+        unknown = sorted(set(request.query_params) - known)
+        if unknown:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"{unknown[0]}: not a parameter of this list (it takes {', '.join(sorted(known))}); "
+                "pass the previous page's `next_cursor` as `cursor`",
+                unknown[0],
+            )
     return PageRequest(limit=limit, cursor=cursor)
 
 

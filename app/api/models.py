@@ -2,7 +2,7 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import CurrentTenant, PageDep, SessionDep, VersionNumber
 from app.api.schemas import AliasPublic, AliasUpdate, ErrorBody, ModelVersionList, ModelVersionPublic
@@ -53,3 +53,11 @@ def set_alias(
     row = registry.set_alias(session, tenant_id=tenant.id, name=name, alias=alias, version=body.version)
     request.app.state.version_lookup.clear()  # this process answers with the new version at once
     return AliasPublic.of(row, body.version)
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=204, responses=_ERRORS, summary="Delete an alias")
+def delete_alias(name: str, alias: str, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
+    """Remove `name@alias`: it stops resolving at once in this process (within serve_lookup_ttl_s elsewhere)."""
+    registry.delete_alias(session, tenant_id=tenant.id, name=name, alias=alias)
+    request.app.state.version_lookup.clear()
+    return Response(status_code=204)

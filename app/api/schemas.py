@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from app.db.base import INTEGER_MAX
 from app.db.models import Alias, Dataset, Job, JobEvent, ModelVersion
@@ -37,9 +37,19 @@ class DatasetPublic(BaseModel):
         return cls.model_validate(row, from_attributes=True)
 
 
-class DatasetList(BaseModel):
-    data: list[DatasetPublic]
+class CursorPage(BaseModel):
+    """What every list says about the pages after this one."""
+
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+    @computed_field(description="Whether another page follows (`next_cursor` is not null).")  # type: ignore[prop-decorator]
+    @property
+    def has_more(self) -> bool:
+        return self.next_cursor is not None
+
+
+class DatasetList(CursorPage):
+    data: list[DatasetPublic]
 
 
 class ModelRef(BaseModel):
@@ -85,9 +95,8 @@ class JobPublic(BaseModel):
         )
 
 
-class JobList(BaseModel):
+class JobList(CursorPage):
     data: list[JobPublic]
-    next_cursor: str | None
 
 
 class JobEventPublic(BaseModel):
@@ -143,9 +152,8 @@ class ModelVersionPublic(BaseModel):
         )
 
 
-class ModelVersionList(BaseModel):
+class ModelVersionList(CursorPage):
     data: list[ModelVersionPublic]
-    next_cursor: str | None
 
 
 class AliasUpdate(BaseModel):

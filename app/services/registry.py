@@ -93,6 +93,16 @@ def set_alias(session: Session, *, tenant_id: str, name: str, alias: str, versio
     return row
 
 
+def delete_alias(session: Session, *, tenant_id: str, name: str, alias: str) -> None:
+    """Remove `name@alias` (its version stays registered); 404 when there is no such alias; commits."""
+    row = session.scalar(select(Alias).where(Alias.tenant_id == tenant_id, Alias.name == name, Alias.alias == alias))
+    if row is None:
+        raise ApiError(404, "alias_not_found", f"no alias '{name}@{alias}'", "alias")
+    session.delete(row)
+    session.commit()
+    log.info("alias %s@%s deleted (tenant %s)", name, alias, tenant_id)
+
+
 def list_aliases(session: Session, *, tenant_id: str, name: str) -> list[tuple[Alias, int]]:
     """The aliases of model `name` with the version number each points at."""
     rows = session.execute(

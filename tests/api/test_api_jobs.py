@@ -168,7 +168,7 @@ def test_cursor_pagination_and_status_filter(client, alice, datasets):
     cancelled = client.get("/v1/jobs", headers=alice.headers, params={"status": "cancelled"}).json()
     assert [j["id"] for j in cancelled["data"]] == [ids[0]]
     bad_cursor = client.get("/v1/jobs", headers=alice.headers, params={"cursor": "nonsense!"})
-    assert (bad_cursor.status_code, bad_cursor.json()["error"]["param"]) == (422, "cursor")
+    assert (bad_cursor.status_code, bad_cursor.json()["error"]["param"]) == (400, "cursor")
     bad_status = client.get("/v1/jobs", headers=alice.headers, params={"status": "sleeping"})
     assert (bad_status.status_code, bad_status.json()["error"]["param"]) == (422, "status")
 
