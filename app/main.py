@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app.api import answer, datasets, health, jobs, models, rerank_cohere, rerank_tei, web
+from app.api import answer, datasets, health, jobs, model_download, models, rerank_cohere, rerank_tei, web
 from app.api.deps import reject_nul_characters
 from app.api.errors import RequestIds, install_error_handlers
 from app.api.lookup import VersionLookup
@@ -69,12 +69,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ArtifactStore(settings.artifacts_url)
     app.state.celery = make_celery(settings)
     downloads = DownloadCache(app.state.store, settings.cache_dir / "models", settings.serve_download_cache_bytes)
+    app.state.downloads = downloads
     app.state.serving = ServingRuntime(settings, fetch_dir=downloads.fetch)
     app.state.version_lookup = VersionLookup(app.state.sessionmaker, ttl_s=settings.serve_lookup_ttl_s)
     install_error_handlers(app)
     app.add_middleware(RequestIds)
     app.add_middleware(health.RequestMetrics)  # outermost: it counts the 500s that RequestIds renders
-    routers = (health.router, datasets.router, jobs.router, models.router, answer.router)
+    routers = (health.router, datasets.router, jobs.router, model_download.router, models.router, answer.router)
     for router in (*routers, rerank_cohere.router, rerank_tei.router):
         app.include_router(router)
     web.add_web(app)
