@@ -13,7 +13,6 @@ out_dir/
 
 import functools
 import json
-import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +37,7 @@ from app.distill.soft_labels import count_batches, teacher_soft_labels
 from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec
 from app.distill.students import build_student, calibrate_heads, count_parameters
 from app.distill.teachers import load_teacher, prepare_teacher
-from app.distill.train import TrainConfig, count_steps, train
-
-log = logging.getLogger(__name__)
+from app.distill.train import TrainConfig, count_steps, mix_weights, train
 
 METRIC_KEYS = ("map", "mrr", "p_at_1", "accuracy", "roc_auc")
 TIMING_CANDIDATES = 10
@@ -244,11 +241,8 @@ def _pipeline_hooks(hooks: Hooks, weights: dict[str, float]) -> Hooks:
         progress.fraction = min(1.0, done / total)
         hooks.progress(progress)
 
-    def on_event(stage: str, message: str) -> None:
-        log.info("[%s] %s", stage, message)
-        hooks.event(stage, message)
-
-    return Hooks(on_progress=on_progress, on_event=on_event, should_cancel=hooks.should_cancel)
+    # Events go to the caller's hooks only: a caller that logs them (the worker) would otherwise log each twice.
+    return Hooks(on_progress=on_progress, on_event=hooks.event, should_cancel=hooks.should_cancel)
 
 
 def _soft_labels(
@@ -385,6 +379,7 @@ def _train_variant(
             if groups is not None:
                 targets = targets | {"group": _question_index(groups, len(pairs))}
             stage = member_stage(name, variant, i, spec.ensemble_size)
+            start = {k: v.detach().clone() for k, v in student.state_dict().items()} if stage_spec.keep_start else None
             train(
                 student,
                 stage=stage,
@@ -406,6 +401,8 @@ def _train_variant(
                 hooks=hooks,
                 groups=groups,
             )
+            if start is not None:
+                mix_weights(student, start, stage_spec.keep_start)
         if listwise:
             _calibrate(student, data.train, encoded["stage2"], device)
         members.append(student)
