@@ -37,7 +37,7 @@ from app.distill.soft_labels import count_batches, teacher_soft_labels
 from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec
 from app.distill.students import build_student, calibrate_heads, count_parameters
 from app.distill.teachers import load_teacher, prepare_teacher
-from app.distill.train import TrainConfig, count_steps, train
+from app.distill.train import TrainConfig, count_steps, mix_weights, train
 
 METRIC_KEYS = ("map", "mrr", "p_at_1", "accuracy", "roc_auc")
 TIMING_CANDIDATES = 10
@@ -379,6 +379,7 @@ def _train_variant(
             if groups is not None:
                 targets = targets | {"group": _question_index(groups, len(pairs))}
             stage = member_stage(name, variant, i, spec.ensemble_size)
+            start = {k: v.detach().clone() for k, v in student.state_dict().items()} if stage_spec.keep_start else None
             train(
                 student,
                 stage=stage,
@@ -400,6 +401,8 @@ def _train_variant(
                 hooks=hooks,
                 groups=groups,
             )
+            if start is not None:
+                mix_weights(student, start, stage_spec.keep_start)
         if listwise:
             _calibrate(student, data.train, encoded["stage2"], device)
         members.append(student)

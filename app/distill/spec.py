@@ -107,6 +107,13 @@ class StageSpec(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0, le=1)
     max_steps: int | None = Field(None, ge=1, le=2**31 - 1, description="Stop after this many optimiser steps.")
+    keep_start: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="After the stage, each weight becomes keep_start * its value at the stage's start + "
+        "(1 - keep_start) * its value at the end (WiSE-FT): keeps more of what the student knew before.",
+    )
 
 
 class DataSpec(_Strict):

@@ -22,7 +22,7 @@ from app.distill.hooks import Hooks, Progress
 from app.distill.losses import hard_loss
 from app.distill.pretrained import resolve_model
 from app.distill.spec import TeacherSpec
-from app.distill.train import TrainConfig, train
+from app.distill.train import TrainConfig, mix_weights, train
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -113,18 +113,6 @@ def prepare_teacher(
     shutil.rmtree(checkpoint_dir)
     hooks.event(stage, f"saved to {folder}")
     return folder
-
-
-def mix_weights(model: nn.Module, base_state: dict[str, Tensor], keep: float) -> None:
-    """Set each floating-point weight of `model` to keep * base + (1 - keep) * its own, in place (WiSE-FT).
-
-    Weights the base lacks stay as trained.
-    """
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            base = base_state.get(name)
-            if base is not None and tensor.is_floating_point() and base.shape == tensor.shape:
-                tensor.mul_(1 - keep).add_(base.to(tensor.device, tensor.dtype), alpha=keep)
 
 
 def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

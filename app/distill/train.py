@@ -59,6 +59,18 @@ class TrainResult:
     already_done: bool
 
 
+def mix_weights(model: nn.Module, base_state: dict[str, Tensor], keep: float) -> None:
+    """Set each floating-point weight of `model` to keep * base + (1 - keep) * its own, in place (WiSE-FT).
+
+    Weights the base lacks stay as trained.
+    """
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            base = base_state.get(name)
+            if base is not None and tensor.is_floating_point() and base.shape == tensor.shape:
+                tensor.mul_(1 - keep).add_(base.to(tensor.device, tensor.dtype), alpha=keep)
+
+
 def count_steps(num_examples: int, batch_size: int, epochs: float, max_steps: int | None = None) -> int:
     """Optimiser steps of a stage: ceil(epochs * batches per epoch), capped by max_steps."""
     steps = max(1, math.ceil(epochs * math.ceil(num_examples / batch_size)))

@@ -200,3 +200,19 @@ def test_a_one_logit_teacher_gives_two_class_soft_labels(tmp_path: Path, sample_
         scores = model(**batch).logits[:, 0]
     assert logits.shape == (len(pairs), 2) and torch.equal(logits[:, 0], torch.zeros(len(pairs)))
     torch.testing.assert_close(torch.softmax(logits, -1)[:, 1], torch.sigmoid(scores), atol=1e-5, rtol=1e-4)
+
+
+def test_keep_start_averages_a_stage_with_the_weights_it_started_from(tmp_path: Path, sample_data: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    student = {"init_from": str(base), "layers": [1]}
+    plain = run_pipeline(tiny_spec(tmp_path, sample_data, variants=["kd"], student=student), out_dir=tmp_path / "a")
+    kept = run_pipeline(
+        tiny_spec(tmp_path, sample_data, variants=["kd"], student=student, stage2={"keep_start": 0.25}),
+        out_dir=tmp_path / "b",
+    )
+    name = "encoder.layer.0.attention.self.query.weight"
+    start = load_file(base / "model.safetensors")["encoder.layer.1.attention.self.query.weight"]
+    trained = load_file(plain.model_dir / "member-0" / "model.safetensors")[name]
+    mixed = load_file(kept.model_dir / "member-0" / "model.safetensors")[name]
+    assert not torch.allclose(trained, start)
+    torch.testing.assert_close(mixed, 0.25 * start + 0.75 * trained)
