@@ -28,10 +28,10 @@ so a passage longer than the pair budget keeps more tokens there than in the ser
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -90,28 +90,51 @@ def write_cross_encoder(
 def write_sentence_transformer(
     member: BiEncoderStudent, tokenizer: PreTrainedTokenizerBase, folder: Path, *, max_length: int
 ) -> int:
-    """A SentenceTransformer folder whose dot products rank as the member's mean head; returns clamped dims."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    """A SentenceTransformer folder whose dot products rank as the member's mean head; returns clamped dims.
 
+    Written in the long-standing layout (module types `sentence_transformers.models.*`, pooling flags) that
+    sentence-transformers 2.x to 6.x and the servers built on them read alike.
+    """
     mean_weight = member.heads.weight.detach().mean(0)
     clamped = int((mean_weight < 0).sum())
-    scale = mean_weight.clamp(min=0).sqrt()
-    hidden = scale.numel()
-    with tempfile.TemporaryDirectory(prefix="st-encoder-") as staging:
-        member.encoder.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        modules = [
-            Transformer(staging, max_seq_length=max_length),
-            Pooling(hidden, pooling_mode="mean"),
-            Normalize(),
-            Dense(hidden, hidden, bias=False, activation_function=nn.Identity(), init_weight=torch.diag(scale)),
-        ]
-        model = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="dot")
-        if folder.exists():
-            shutil.rmtree(folder)
-        model.save(str(folder))
+    hidden = mean_weight.numel()
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    member.encoder.save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(tokenizer, folder, max_length=max_length)
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize"), ("3_Dense", "Dense")]
+    _write_json(folder / "modules.json", [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(modules)
+    ])  # fmt: skip
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+    _write_json(folder / "config_sentence_transformers.json", {
+        "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "dot",
+    })  # fmt: skip
+    _write_json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": hidden,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+        "include_prompt": True,
+    })  # fmt: skip
+    (folder / "2_Normalize").mkdir()
+    _write_json(folder / "3_Dense" / "config.json", {
+        "in_features": hidden, "out_features": hidden, "bias": False,
+        "activation_function": "torch.nn.modules.linear.Identity",
+    })  # fmt: skip
+    weight = torch.diag(mean_weight.clamp(min=0).sqrt()).contiguous()
+    save_file({"linear.weight": weight}, str(folder / "3_Dense" / "model.safetensors"))
     return clamped
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
 
 
 def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, *, max_length: int) -> None:

