@@ -117,11 +117,14 @@ def api(
     """Start the REST API (it migrates the database first)."""
     import uvicorn
 
+    from app.logs import configure_logging
     from app.main import create_app
     from app.settings import get_settings
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
+    configure_logging(process="api", level=settings.log_level, fmt=settings.log_format)
+    # log_config=None: uvicorn's lines go through the same handler, not a format of its own.
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_config=None)
 
 
 @cli.command()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from app.db.migrate import upgrade_database
 from app.db.session import session_scope
+from app.logs import configure_logging
 from app.services.auth import authenticate, create_api_key, get_or_create_tenant
 from app.services.demo import seed_demo_dataset
 from app.settings import Settings
@@ -40,6 +41,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "QADISTILL_REQUEUE_AFTER_S": str(settings.requeue_after_s),
         "QADISTILL_CHECKPOINT_SYNC_S": str(settings.checkpoint_sync_s),
         "QADISTILL_RETRY_MAX_S": str(settings.retry_max_s),
+        "QADISTILL_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+        "QADISTILL_LOG_LEVEL": settings.log_level,
+        "QADISTILL_LOG_FORMAT": settings.log_format,
     }
 
 
@@ -115,6 +119,7 @@ def run_embedded(settings: Settings) -> None:
 
     from app.main import create_app
 
+    configure_logging(process="api", level=settings.log_level, fmt=settings.log_format)
     token = prepare_demo(settings)
     print(f"API key: {token}", flush=True)
     worker = start_worker(settings)
@@ -123,7 +128,7 @@ def run_embedded(settings: Settings) -> None:
     # not a silent death, so that the worker is stopped below.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop_worker(worker)

@@ -95,6 +95,13 @@ class ArtifactStore:
             return []
         return sorted(Path(entry).name for entry in self.fs.ls(path, detail=False))
 
+    def list_files(self, uri: str) -> list[str]:
+        """The paths, relative to the stored folder `uri`, of every file under it (none when it does not exist)."""
+        path = self._path(uri).rstrip("/")
+        if not self.fs.exists(path):
+            return []
+        return sorted(found[len(path) + 1 :] for found in self.fs.find(path) if not found.endswith(".partial"))
+
     def open(self, uri: str, mode: str = "rb") -> IO[bytes]:
         """Open a stored file."""
         return self.fs.open(self._path(uri), mode)

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,3 +126,38 @@ class PrivateRedis:
         """Stop the server and delete its folder."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class MotoS3:
+    """moto's S3-compatible HTTP server (`python -m moto.server`) on a free port, holding everything in memory."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables that point botocore (and so s3fs) at it, with throw-away credentials."""
+        return {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "qadistill-test",
+            "AWS_SECRET_ACCESS_KEY": "qadistill-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, START_TIMEOUT_S, up=True)
+
+    def stop(self) -> None:
+        """Stop the server (its buckets are gone)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

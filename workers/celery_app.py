@@ -6,17 +6,37 @@ import os
 import threading
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from app.db.migrate import upgrade_database
+from app.logs import configure_logging, quiet_third_party
 from app.services.queue import make_celery
 from app.settings import get_settings
+from workers.metrics_dir import use_multiprocess_dir
 from workers.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
+# Before the pipeline loads prometheus_client and transformers (none of the imports above does): the pool
+# processes' metrics go to one folder, and third-party progress bars and load reports stay out of the log.
+use_multiprocess_dir()
+quiet_third_party()
 app = make_celery(get_settings())
 app.conf.include = ["workers.tasks"]
+
+
+@setup_logging.connect
+def log_as_configured(**_kwargs: Any) -> None:
+    """The settings' log format instead of Celery's: every line once, JSON with the process's name."""
+    settings = get_settings()
+    configure_logging(process="worker", level=settings.log_level, fmt=settings.log_format)
 
 
 @worker_init.connect
@@ -48,6 +68,22 @@ def start_sweeper(**_kwargs: Any) -> None:
     sweeper = Sweeper(app, get_settings())
     sweeper.start()
     _sweepers.append(sweeper)
+
+
+@worker_ready.connect
+def start_metrics_server(**_kwargs: Any) -> None:
+    """Serve the worker's Prometheus metrics from its main process (workers/metrics.py)."""
+    from workers.metrics import serve_metrics
+
+    serve_metrics(app, get_settings(), app.amqp.queues.consume_from or app.amqp.queues)
+
+
+@worker_process_shutdown.connect
+def forget_pool_process(pid: int | None = None, **_kwargs: Any) -> None:
+    """A pool process that exits no longer counts in the live gauges."""
+    from workers.metrics import forget_process
+
+    forget_process(pid or os.getpid())
 
 
 @worker_shutdown.connect

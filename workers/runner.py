@@ -34,6 +34,8 @@ from app.services.registry import register_version
 from app.settings import Settings
 from app.storage import ArtifactStore
 from workers.lease import LeaseKeeper
+from workers.metrics import observe_stage
+from workers.soft_label_store import SoftLabelStore
 from workers.workspace import CURRENT, Workspace, discard_snapshots, teacher_key, workspace_key
 
 if TYPE_CHECKING:
@@ -61,6 +63,8 @@ class JobReporter:
         self.job_id = lease.job_id
         self.lease, self.keeper, self.workspace = lease, keeper, workspace
         self.stage = "prepare"
+        self.stage_started = time.monotonic()
+        self.soft_labels: SoftLabelStore | None = None
         self.fraction = 0.0
         self.points: list[tuple[str, int, str, float]] = []
         self.last_flush = 0.0
@@ -91,6 +95,8 @@ class JobReporter:
             (progress.stage, progress.step, name, float(v)) for name, v in values.items() if math.isfinite(v)
         ]
         changed = progress.stage != self.stage
+        if changed:
+            self.end_stage()
         self.stage, self.fraction = progress.stage, progress.fraction
         if changed or time.monotonic() - self.last_flush >= FLUSH_INTERVAL_S:
             self.flush()
@@ -99,9 +105,17 @@ class JobReporter:
 
     def on_event(self, stage: str, message: str) -> None:
         """Store a milestone at once (they are few)."""
-        log.info("job %s [%s] %s", self.job_id, stage, message)
+        log.info("job %s [%s] %s", self.job_id, stage, message, extra={"job_id": self.job_id, "stage": stage})
         self.write(lambda s: job_runs.add_event(s, job_id=self.job_id, stage=stage, message=message, lease=self.lease))
         self.sync_workspace()
+        if stage == "soft_labels" and self.soft_labels is not None:  # a teacher's soft labels are ready
+            self.soft_labels.push()
+
+    def end_stage(self) -> None:
+        """Time the stage that is ending (workers/metrics.py)."""
+        now = time.monotonic()
+        observe_stage(self.stage, now - self.stage_started)
+        self.stage_started = now
 
     def should_cancel(self) -> bool:
         """Whether the job was asked to stop or its lease was lost; reads the database at most once a second."""
@@ -245,6 +259,7 @@ class _Run:
                 outcome = _end(reporter, "failed", f"{type(err).__name__}: {err}", "pipeline_error")
         finally:
             self.keeper.stop()
+            reporter.end_stage()
             if self.workspace is not None:
                 self.workspace.discard_local()
         if outcome in FINISHED_STATUSES:
@@ -433,6 +448,10 @@ def _finish(
         spec = run.spec()
         for name in teachers_to_train(spec):
             _fetch_teacher(store, tenant_id, job_id, name, workspace.local)
+        reporter.soft_labels = SoftLabelStore(
+            store, tenant_id=tenant_id, data_sha256={d.sha256 for d in datasets.values()}, cache_dir=settings.cache_dir
+        )
+        reporter.soft_labels.pull()
         eval_names = jobs.spec_data({role: dataset.name for role, dataset in datasets.items()})["eval"]
         result = run_pipeline(
             spec,
@@ -442,6 +461,7 @@ def _finish(
             eval_names=eval_names,
         )
         workspace.sync()
+        reporter.soft_labels.push()
         # The fastest serving form that keeps MAP within bounds, chosen once here rather than at load time.
         serving = optimize_for_serving(
             result.model_dir, read_pairs(spec.data.eval[0]).pairs, threads=settings.serve_threads

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db.retry import is_transient
+from app.logs import REQUEST_ID
 from app.services.errors import ApiError
 
 __all__ = ["ApiError", "RequestIds", "install_error_handlers", "validation_error"]
@@ -138,6 +139,7 @@ class RequestIds:
         given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope["request_id"] = request_id
+        token = REQUEST_ID.set(request_id)  # every log line written while serving it carries it
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -159,3 +161,5 @@ class RequestIds:
                 f"an unexpected error occurred; quote request id {request_id} when reporting it",
             )
             await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)

@@ -81,13 +81,8 @@ class Stack:
 
 def _postgres_settings(home: Path, **overrides: Any) -> Iterator[Settings]:
     with fresh_database("qadistill_it") as database_url:
-        settings = Settings(
-            home=home,
-            database_url=database_url,
-            **private_broker("qadistill-it"),
-            artifacts_url=str(home / "artifacts"),
-            **overrides,
-        )
+        options = {"artifacts_url": str(home / "artifacts"), **overrides}
+        settings = Settings(home=home, database_url=database_url, **private_broker("qadistill-it"), **options)
         try:
             yield settings
         finally:
