@@ -15,6 +15,8 @@ from schemathesis import GenerationMode
 from tests.api.conftest import make_caller
 
 EXAMPLES_PER_ROUTE = 25
+# The rerank routes of other APIs answer errors in the shape those APIs' clients parse (Cohere's, TEI's).
+OTHER_APIS_ERRORS = {"/v2/rerank": {"message"}, "/v1/rerank": {"message"}, "/rerank": {"error", "error_type"}}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,11 @@ def test_no_route_answers_a_server_error(client, fuzz_headers, mode):
             response = case.call(headers=fuzz_headers)
             assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
             if response.status_code >= 400:
-                assert set(response.json()["error"]) == {"code", "message", "param"}, response.text[:500]
+                body = response.json()
+                if operation.path in OTHER_APIS_ERRORS:
+                    assert set(body) == OTHER_APIS_ERRORS[operation.path], response.text[:500]
+                else:
+                    assert set(body["error"]) == {"code", "message", "param"}, response.text[:500]
 
         try:
             call()

@@ -1,5 +1,6 @@
 """Cohere's `/v2/rerank` and `/v1/rerank` and TEI's `/rerank` through the whole application (embedded mode)."""
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,8 +8,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.rerank_cohere import render_cohere_error
+from app.api.rerank_tei import render_tei_error
 from app.distill.data import Pair
 from app.main import create_app
+from app.services.errors import ApiError
 from app.settings import Settings
 from tests.serving.test_api_answer import make_caller, make_settings, register
 
@@ -197,3 +201,15 @@ def test_tei_without_a_configured_rerank_model_gives_424(tmp_path: Path) -> None
         "error_type": "backend",
     }
     assert v1.status_code == 400 and v1.json()["message"].startswith("model:")
+
+
+def test_a_full_queue_is_each_apis_429_with_retry_after() -> None:
+    # What rank() raises when the model's queue is full (QueueFullError), as each API's clients expect it.
+    full = ApiError(503, "overloaded", "model qa: too many questions queued", headers={"Retry-After": "2"})
+    cohere_error, tei_error = render_cohere_error(full), render_tei_error(full)
+    assert (cohere_error.status_code, cohere_error.headers["Retry-After"]) == (429, "2")
+    assert json.loads(cohere_error.body) == {"message": "model qa: too many questions queued"}
+    assert (tei_error.status_code, tei_error.headers["Retry-After"]) == (429, "2")
+    assert json.loads(tei_error.body) == {"error": "model qa: too many questions queued", "error_type": "overloaded"}
+    unloadable = render_tei_error(ApiError(500, "model_unavailable", "model qa:1 could not be loaded"))
+    assert (unloadable.status_code, json.loads(unloadable.body)["error_type"]) == (424, "backend")
