@@ -129,16 +129,32 @@ def api(
 
 @cli.command()
 def worker(
-    queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = "gpu,default",
+    queues: Annotated[
+        str | None,
+        typer.Option("--queues", "-Q", help="Queues, comma-separated \\[default: gpu with a GPU, else cpu]."),
+    ] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", "-c")] = None,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork, solo or threads.")] = "prefork",
 ) -> None:
     """Start a Celery worker (it migrates the database first)."""
+    from app.services.routing import default_queues
     from app.settings import get_settings
     from workers.celery_app import app as celery_app
 
     workers = concurrency or get_settings().worker_concurrency
+    queues = _check_queues(queues or default_queues())
     celery_app.worker_main(["worker", "-Q", queues, "-c", str(workers), "--pool", pool, "-l", "info"])
+
+
+def _check_queues(queues: str) -> str:
+    """The comma-separated queue names, each one of app/services/routing.py's QUEUES."""
+    from app.services.routing import QUEUES
+
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if not names or unknown:
+        raise typer.BadParameter(f"'{queues}': each queue must be one of {', '.join(QUEUES)}", param_hint="--queues")
+    return ",".join(names)
 
 
 @cli.command()

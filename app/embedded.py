@@ -13,6 +13,7 @@ from app.db.session import session_scope
 from app.logs import configure_logging
 from app.services.auth import authenticate, create_api_key, get_or_create_tenant
 from app.services.demo import seed_demo_dataset
+from app.services.routing import embedded_queues
 from app.settings import Settings
 from app.storage import ArtifactStore
 
@@ -47,7 +48,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def worker_command(queues: str = "gpu,default", concurrency: int = 1, pool: str = "prefork") -> list[str]:
+def worker_command(queues: str, concurrency: int = 1, pool: str = "prefork") -> list[str]:
     """The command line of a Celery worker process on this interpreter."""
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
@@ -63,11 +64,13 @@ def start_worker(
     pool: str = "prefork",
     log_path: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    queues: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a Celery worker process with `settings` (its output to `log_path`, else inherited)."""
+    """Start a Celery worker process with `settings` consuming `queues` (default: embedded_queues()), its output
+    to `log_path`, else inherited."""
     env = {**os.environ, **settings_env(settings), **(extra_env or {})}
     out = log_path.open("ab") if log_path else None
-    command = worker_command(concurrency=settings.worker_concurrency, pool=pool)
+    command = worker_command(queues or embedded_queues(), concurrency=settings.worker_concurrency, pool=pool)
     # A session of its own: stop_worker can then end the pool processes too, not only their parent.
     return subprocess.Popen(
         command,

@@ -1,4 +1,4 @@
-"""The Celery application of the workers: `celery -A workers.celery_app worker -Q gpu,default`."""
+"""The Celery application of the workers: `celery -A workers.celery_app worker -Q cpu` (or `gpu`)."""
 
 import importlib
 import logging
@@ -65,7 +65,9 @@ _sweepers: list[Sweeper] = []
 @worker_ready.connect
 def start_sweeper(**_kwargs: Any) -> None:
     """Start the reconciliation loop in the worker's main process, once its pool is up."""
-    sweeper = Sweeper(app, get_settings())
+    queues = app.amqp.queues.consume_from or app.amqp.queues  # all of them when -Q is not given
+    sweeper = Sweeper(app, get_settings(), sorted(queues))
+    log.info("worker consumes queues %s", ", ".join(sorted(queues)))
     sweeper.start()
     _sweepers.append(sweeper)
 

@@ -31,6 +31,7 @@ from app.services import job_runs, jobs
 from app.services.job_runs import Lease, LeaseLost
 from app.services.queue import enqueue_finish, enqueue_teachers, make_celery
 from app.services.registry import register_version
+from app.services.routing import live_workers, route_job
 from app.settings import Settings
 from app.storage import ArtifactStore
 from workers.lease import LeaseKeeper
@@ -282,7 +283,7 @@ def execute_job(job_id: str, settings: Settings, celery: Celery | None = None) -
     load_pipeline()
     celery = celery or make_celery(settings)
 
-    def claim() -> tuple[str, dict[str, Any], dict[str, Dataset], Lease] | None:
+    def claim() -> tuple[str, dict[str, Any], dict[str, Dataset], Lease, str] | None:
         with session_scope(settings.database_url) as session:
             claimed = job_runs.claim_job(
                 session,
@@ -294,12 +295,14 @@ def execute_job(job_id: str, settings: Settings, celery: Celery | None = None) -
             if claimed is None:
                 return None
             job, lease = claimed
-            return job.tenant_id, dict(job.spec), job_runs.job_datasets(session, job_id=job_id), lease
+            # The run's next tasks go to the job's queue; a job from before queues gets one now.
+            queue = job.queue or route_job(session, job, live_workers(session, lease_s=settings.lease_s))
+            return job.tenant_id, dict(job.spec), job_runs.job_datasets(session, job_id=job_id), lease, queue
 
     claimed = with_db_retry(claim, max_s=settings.retry_max_s)
     if claimed is None:
         return "skipped"
-    tenant_id, spec_data, datasets, lease = claimed
+    tenant_id, spec_data, datasets, lease, queue = claimed
     run = _Run(settings, tenant_id=tenant_id, spec_data=spec_data, datasets=datasets, lease=lease, workspace_key=None)
 
     def prepare() -> str:
@@ -313,7 +316,7 @@ def execute_job(job_id: str, settings: Settings, celery: Celery | None = None) -
         run.reporter.on_event("prepare", f"teachers {', '.join(teachers)} sent as {len(teachers)} parallel tasks")
         run.keeper.stop()
         run.reporter.write(lambda s: job_runs.hand_to_queue(s, lease=lease, hold_s=_queue_hold_s(settings)))
-        _send(lambda: enqueue_teachers(celery, job_id, lease.epoch, teachers), job_id)
+        _send(lambda: enqueue_teachers(celery, job_id, lease.epoch, teachers, queue), job_id)
         return "teachers_sent"
 
     outcome = run.run(prepare)
@@ -331,7 +334,7 @@ def execute_teacher(job_id: str, epoch: int, name: str, teachers: list[str], set
     from app.distill.hooks import Cancelled, Hooks, Progress
     from app.distill.teachers import prepare_teacher
 
-    def claim() -> tuple[str, dict[str, Any], dict[str, Dataset], Lease, bool] | None:
+    def claim() -> tuple[str, dict[str, Any], dict[str, Dataset], Lease, bool, str] | None:
         with session_scope(settings.database_url) as session:
             claimed = job_runs.claim_task(
                 session, job_id=job_id, epoch=epoch, task=f"teacher:{name}", worker=worker_name(),
@@ -341,12 +344,13 @@ def execute_teacher(job_id: str, epoch: int, name: str, teachers: list[str], set
                 return None
             job, lease = claimed
             datasets = job_runs.job_datasets(session, job_id=job_id)
-            return job.tenant_id, dict(job.spec), datasets, lease, job.cancel_requested
+            queue = job.queue or route_job(session, job, live_workers(session, lease_s=settings.lease_s))
+            return job.tenant_id, dict(job.spec), datasets, lease, job.cancel_requested, queue
 
     claimed = with_db_retry(claim, max_s=settings.retry_max_s)
     if claimed is None:
         return "skipped"
-    tenant_id, spec_data, datasets, lease, cancel = claimed
+    tenant_id, spec_data, datasets, lease, cancel, queue = claimed
     assert settings.work_dir is not None
     run = _Run(
         settings,
@@ -385,7 +389,7 @@ def execute_teacher(job_id: str, epoch: int, name: str, teachers: list[str], set
         reporter.flush()
         hold_s = _queue_hold_s(settings)
         if reporter.write(lambda s: job_runs.finish_task(s, lease=lease, tasks=teacher_tasks, hold_s=hold_s)):
-            _send(lambda: enqueue_finish(celery, job_id, epoch), job_id)
+            _send(lambda: enqueue_finish(celery, job_id, epoch, queue), job_id)
         return "trained"
 
     teacher_tasks = [f"teacher:{t}" for t in teachers]

@@ -9,13 +9,14 @@ import logging
 import os
 import socket
 import threading
-from pathlib import Path
+from collections.abc import Sequence
 
 from celery import Celery
 
 from app.db.session import session_scope
 from app.services.queue import enqueue_job
 from app.services.reconcile import record_worker, sweep_jobs
+from app.services.routing import has_gpu
 from app.settings import Settings
 from app.storage import ArtifactStore
 from workers.workspace import discard_snapshots
@@ -23,20 +24,12 @@ from workers.workspace import discard_snapshots
 log = logging.getLogger(__name__)
 
 
-def has_gpu() -> bool:
-    """Whether this host shows this process an NVIDIA GPU (read from the driver, without importing torch)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
-        return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())
-
-
 class Sweeper:
-    """A daemon thread running `sweep_once` every `settings.lease_s / 4` seconds until stopped."""
+    """A daemon thread running `sweep_once` every `settings.lease_s / 4` seconds until stopped; `queues` are
+    the ones this worker consumes, reported with its heartbeat so that jobs are routed where a worker is."""
 
-    def __init__(self, celery: Celery, settings: Settings) -> None:
-        self.celery, self.settings = celery, settings
+    def __init__(self, celery: Celery, settings: Settings, queues: Sequence[str]) -> None:
+        self.celery, self.settings, self.queues = celery, settings, list(queues)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.gpu = has_gpu()
         self.store = ArtifactStore(settings.artifacts_url)
@@ -66,11 +59,11 @@ class Sweeper:
         """One round: note this worker alive, then send again or end the jobs that need it."""
         s = self.settings
         with session_scope(s.database_url) as session:
-            record_worker(session, name=self.name, gpu=self.gpu)
+            record_worker(session, name=self.name, gpu=self.gpu, queues=self.queues)
             sweep = sweep_jobs(
                 session, lease_s=s.lease_s, max_takeovers=s.max_takeovers, requeue_after_s=s.requeue_after_s
             )
-        for job_id in sweep.resend:
-            enqueue_job(self.celery, job_id)
+        for job_id, queue in sweep.resend:
+            enqueue_job(self.celery, job_id, queue)
         for tenant_id, job_id in sweep.ended:
             discard_snapshots(self.store, tenant_id=tenant_id, job_id=job_id)

@@ -69,20 +69,15 @@ def submit_job(
     + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)); the T^2 keeps gradients on scale.
     """
     settings = request.app.state.settings
-    service.check_runnable(
-        session,
-        spec,
-        model_dirs=settings.model_dirs,
-        cache_dir=settings.cache_dir,
-        gpu_within_s=3 * settings.lease_s,
-    )
+    service.check_runnable(spec, model_dirs=settings.model_dirs, cache_dir=settings.cache_dir)
     celery = request.app.state.celery
     job, created = service.submit_job(
         session,
-        lambda job_id, task_id: enqueue_job(celery, job_id, task_id),
+        lambda job_id, task_id, queue: enqueue_job(celery, job_id, queue, task_id),
         tenant=tenant,
         spec=spec,
         max_active=settings.max_active_jobs,
+        lease_s=settings.lease_s,
         idempotency_key=idempotency_key,
     )
     response.status_code = 201 if created else 200

@@ -61,7 +61,14 @@ class JobPublic(BaseModel):
     id: str
     name: str
     status: str = Field(description="queued, running, cancelling, cancelled, succeeded or failed.")
-    stage: str | None
+    stage: str | None = Field(
+        description="Where it stands; while queued, `waiting_for_gpu_worker` (or `_cpu_`) when no live worker "
+        "consumes its queue."
+    )
+    queue: str | None = Field(
+        description="The broker queue its tasks go to: `gpu` for device cuda, `cpu` for cpu, and for auto `gpu` "
+        "while a GPU worker is alive, else `cpu`."
+    )
     progress: float = Field(description="Whole-pipeline progress, 0..1.")
     cancel_requested: bool
     spec: dict[str, Any] = Field(description="The submitted spec, with data.* resolved to dataset ids.")
@@ -83,6 +90,7 @@ class JobPublic(BaseModel):
             name=row.name,
             status=row.status,
             stage=row.stage,
+            queue=row.queue,
             progress=row.progress,
             cancel_requested=row.cancel_requested,
             spec=row.spec,

@@ -93,6 +93,8 @@ class Job(Base):
     error_param: Mapped[str | None] = mapped_column(String(255))
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
+    # The broker queue its tasks go to (app/services/routing.py); None for jobs from before queues.
+    queue: Mapped[str | None] = mapped_column(String(32))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # The lease: who runs the job until when. `lease_epoch` grows at each claim and fences every write of
     # a worker, so one that lost its lease can no longer change the job (see app/services/leases.py).
@@ -140,12 +142,15 @@ class JobTask(Base):
 
 
 class WorkerBeat(Base):
-    """A live worker: what it can run (a GPU or not), as last reported by its reconciliation loop."""
+    """A live worker: what it can run (a GPU or not, the queues it consumes), as last reported by its
+    reconciliation loop."""
 
     __tablename__ = "workers"
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     gpu: Mapped[bool] = mapped_column(Boolean, default=False)
+    queues: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    """Comma-separated."""
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

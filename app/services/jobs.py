@@ -25,12 +25,12 @@ from app.distill.spec import DataSpec, PipelineSpec
 from app.services.datasets import find_dataset
 from app.services.errors import ApiError
 from app.services.pagination import PageRequest, paginate
-from app.services.reconcile import gpu_worker_alive
+from app.services.routing import live_workers, queue_for, waiting_message, waiting_stage
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[str, str], None]
-"""Sends the task of a job: (job_id, task_id) -> None; raises when the broker is unreachable."""
+Enqueue = Callable[[str, str, str], None]
+"""Sends the task of a job: (job_id, task_id, queue) -> None; raises when the broker is unreachable."""
 
 # Jobs take minutes: a client refused by the quota learns to come back in half a minute rather than spin.
 QUOTA_RETRY_AFTER_S = 30
@@ -66,11 +66,10 @@ def check_model_sources(spec: PipelineSpec, *, model_dirs: Sequence[Path]) -> No
             )
 
 
-def check_runnable(
-    session: Session, spec: PipelineSpec, *, model_dirs: Sequence[Path], cache_dir: Path | None, gpu_within_s: float
-) -> None:
+def check_runnable(spec: PipelineSpec, *, model_dirs: Sequence[Path], cache_dir: Path | None) -> None:
     """422 naming the field for what would make the job fail later: a model folder outside `model_dirs` or
-    missing, student layers the base model does not have, `device: cuda` with no GPU worker alive."""
+    missing, student layers the base model does not have. (A `cuda` job with no GPU worker alive is taken,
+    and marked waiting for one: workers may be starting.)"""
     check_model_sources(spec, model_dirs=model_dirs)
     folders = [(f"teachers.{i}.path", t.path) for i, t in enumerate(spec.teachers)]
     folders += [(f"teachers.{i}.base", t.base) for i, t in enumerate(spec.teachers) if t.path is None]
@@ -83,11 +82,6 @@ def check_runnable(
             message = f"{param}: no model folder (with config.json) at '{source}'"
             raise ApiError(422, "invalid_request", message, param)
     _check_student_layers(spec, cache_dir=cache_dir)
-    if spec.device == "cuda" and not gpu_worker_alive(session, within_s=gpu_within_s):
-        raise ApiError(
-            422, "invalid_request", "device: 'cuda' was asked for but no GPU worker is running; use 'auto' or 'cpu'",
-            "device",
-        )  # fmt: skip
 
 
 def _check_student_layers(spec: PipelineSpec, *, cache_dir: Path | None) -> None:
@@ -193,9 +187,12 @@ def submit_job(
     tenant: Tenant,
     spec: PipelineSpec,
     max_active: int,
+    lease_s: float,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Create a queued job and send its task; returns (job, created). A retried key returns the first job.
+    """Create a queued job and send its task to the queue its device needs (workers count as live for a few
+    `lease_s`); returns (job, created). A retried key returns the first job. A job whose queue no live worker
+    consumes is marked waiting, with an event saying what it waits for.
 
     422 naming the field for a spec this tenant cannot run; 429 past `max_active` unfinished jobs.
     """
@@ -207,10 +204,15 @@ def submit_job(
     dataset_ids = resolve_datasets(session, tenant_id=tenant.id, spec=spec)
     check_quota(session, tenant=tenant, max_active=max_active)
     stored_spec = spec.model_copy(update={"data": spec.data.model_copy(update=spec_data(dataset_ids))})
+    live = live_workers(session, lease_s=lease_s)
+    queue = queue_for(spec.device, live)
+    waiting = queue not in live.queues
     job = Job(
         tenant_id=tenant.id,
         name=spec.name,
         status="queued",
+        queue=queue,
+        stage=waiting_stage(queue) if waiting else None,
         spec=stored_spec.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         request_sha256=fingerprint,
@@ -219,7 +221,10 @@ def submit_job(
     session.add(job)
     session.flush()
     session.add_all(JobDataset(job_id=job.id, role=role, dataset_id=ds) for role, ds in dataset_ids.items())
-    session.add(JobEvent(job_id=job.id, stage="queued", message="job submitted"))
+    session.add(JobEvent(job_id=job.id, stage="queued", message=f"job submitted to queue '{queue}'"))
+    if waiting:
+        message = waiting_message(queue, spec.device)
+        session.add(JobEvent(job_id=job.id, stage=waiting_stage(queue), level="warning", message=message))
     try:
         session.commit()
     except IntegrityError:
@@ -230,13 +235,13 @@ def submit_job(
             raise
         return _check_same_request(existing, fingerprint), False
     try:
-        enqueue(job.id, job.celery_task_id or "")
+        enqueue(job.id, job.celery_task_id or "", queue)
     except Exception as exc:
         log.exception("could not enqueue job %s", job.id)
         session.delete(job)
         session.commit()
         raise ApiError(503, "queue_unavailable", "the job queue is unreachable; retry later") from exc
-    log.info("job %s queued for tenant %s", job.id, tenant.id)
+    log.info("job %s queued in %s for tenant %s%s", job.id, queue, tenant.id, " (no live worker)" * waiting)
     return job, True
 
 

@@ -184,7 +184,10 @@ def test_cancel_queued_job_at_once(client, alice, datasets):
     assert again.json()["status"] == "cancelled"
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice.headers).json()
     assert events["finished"] is True
-    assert [e["message"] for e in events["data"]] == ["job submitted", "cancelled before it started"]
+    messages = [e["message"] for e in events["data"]]
+    # No worker runs in these tests: the job said it waits for one.
+    assert messages[0] == "job submitted to queue 'cpu'" and messages[-1] == "cancelled before it started"
+    assert messages[1].startswith("no live worker consumes queue 'cpu'"), messages
 
 
 def test_follow_streams_events_then_ends(client, alice, datasets):
@@ -195,7 +198,7 @@ def test_follow_streams_events_then_ends(client, alice, datasets):
         assert stream.headers["content-type"].startswith("text/event-stream")
         text = "".join(stream.iter_text())
     names = [line.removeprefix("event: ").strip() for line in text.splitlines() if line.startswith("event:")]
-    assert names == ["job_event", "job_event", "end"]
+    assert names == ["job_event"] * 3 + ["end"]  # submitted, waiting for a worker, cancelled
     end = [line for line in text.splitlines() if line.startswith("data:")][-1]
     assert json.loads(end.removeprefix("data:"))["status"] == "cancelled"
 
@@ -269,9 +272,10 @@ def test_what_would_fail_late_is_422_at_submit(client, alice, datasets, settings
     assert "6 layers" in too_deep.json()["error"]["message"]
     assert submit(client, alice, make_spec(student={"layers": [0, 5]})).status_code == 201
 
-    # No worker has reported a GPU.
+    # No worker has reported a GPU: the cuda job is taken, and says what it waits for.
     cuda = submit(client, alice, make_spec(device="cuda"))
-    assert (cuda.status_code, cuda.json()["error"]["param"]) == (422, "device"), cuda.text
+    assert cuda.status_code == 201, cuda.text
+    assert (cuda.json()["queue"], cuda.json()["stage"]) == ("gpu", "waiting_for_gpu_worker")
 
     monkeypatch.setattr(settings, "model_dirs", [tmp_path])
     missing = str(tmp_path / "no-such-model")
@@ -280,8 +284,10 @@ def test_what_would_fail_late_is_422_at_submit(client, alice, datasets, settings
     student = submit(client, alice, make_spec(student={"init_from": missing}))
     assert (student.status_code, student.json()["error"]["param"]) == (422, "student.init_from")
 
-    # Once a GPU worker reports in, cuda jobs are taken.
+    # Once a GPU worker reports in, cuda and auto jobs go to its queue, waiting for nothing.
     with session_scope(settings.database_url) as session:
-        record_worker(session, name=f"gpu-host:{secrets.token_hex(3)}", gpu=True)
-    assert submit(client, alice, make_spec(device="cuda")).status_code == 201
-    assert job_count(client, alice) == 2
+        record_worker(session, name=f"gpu-host:{secrets.token_hex(3)}", gpu=True, queues=["gpu"])
+    for device in ("cuda", "auto"):
+        job = submit(client, alice, make_spec(device=device)).json()
+        assert (job["queue"], job["stage"]) == ("gpu", None), job
+    assert job_count(client, alice) == 4

@@ -195,7 +195,12 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(lease_stack, tiny_bas
         assert tenant is not None
         # The broker "loses" the message: the job is stored queued and nothing is sent.
         job, _ = jobs.submit_job(
-            session, lambda _job, _task: None, tenant=tenant, spec=PipelineSpec.model_validate(spec), max_active=4
+            session,
+            lambda _job, _task, _queue: None,
+            tenant=tenant,
+            spec=PipelineSpec.model_validate(spec),
+            max_active=4,
+            lease_s=stack.settings.lease_s,
         )
         job_id = job.id
     job = stack.wait_for(frank, job_id, lambda j: j["status"] in FINISHED, timeout=120)

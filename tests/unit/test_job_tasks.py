@@ -73,7 +73,7 @@ def test_tasks_the_broker_lost_between_steps_are_sent_again_without_a_takeover(s
     time.sleep(0.05)  # the queue's hold runs out: no teacher task ever started
 
     sweep = sweep_jobs(session, lease_s=0.01, max_takeovers=3, requeue_after_s=300)
-    assert sweep.resend == [job_id]
+    assert sweep.resend == [(job_id, "cpu")]
     lease = claim(session, job_id)
     job = session.get(Job, job_id)
     assert (lease.epoch, job.takeovers) == (2, 0)
@@ -96,7 +96,7 @@ def test_a_teacher_lost_with_its_worker_is_taken_over_by_the_next_run_and_counte
     # Redelivered to a live worker in the same run, the lost task is not taken: the next run takes it over.
     assert job_runs.claim_task(session, job_id=job_id, epoch=1, task="teacher:t1", worker="w:4:d", lease_s=30) is None
 
-    assert sweep_jobs(session, lease_s=0.01, max_takeovers=3, requeue_after_s=300).resend == [job_id]
+    assert sweep_jobs(session, lease_s=0.01, max_takeovers=3, requeue_after_s=300).resend == [(job_id, "cpu")]
     lease = claim(session, job_id)
     assert (lease.epoch, session.get(Job, job_id).takeovers) == (2, 1)
     assert job_runs.claim_task(session, job_id=job_id, epoch=2, task="teacher:t1", worker="w:4:d", lease_s=30)
