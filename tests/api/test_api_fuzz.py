@@ -45,8 +45,8 @@ def test_no_route_answers_a_server_error(client, fuzz_headers, mode):
             assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
             if response.status_code >= 400:
                 body = response.json()
-                if operation.path in OTHER_APIS_ERRORS:
-                    assert set(body) == OTHER_APIS_ERRORS[operation.path], response.text[:500]
+                if case.operation.path in OTHER_APIS_ERRORS:
+                    assert set(body) == OTHER_APIS_ERRORS[case.operation.path], response.text[:500]
                 else:
                     assert set(body["error"]) == {"code", "message", "param"}, response.text[:500]
 
