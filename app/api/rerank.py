@@ -14,7 +14,7 @@ from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import bearer, bearer_token
@@ -49,6 +49,8 @@ def error_shaped_route(render: ErrorRenderer) -> type[APIRoute]:
                     return render(validation_error(list(exc.errors())))
                 except StarletteHTTPException as exc:  # e.g. a body that is not JSON at all
                     return render(ApiError(exc.status_code, "invalid_request", f"body: {exc.detail}", "body"))
+                except DataError:  # a value no check caught, refused by the database: the request's fault
+                    return render(ApiError(422, "invalid_request", "a value of the request is out of range"))
                 except DBAPIError as exc:
                     if not is_transient(exc):
                         raise

@@ -131,6 +131,8 @@ async def _rerank(body: CohereRerankRequest, request: Request, key: str, *, api_
     ref = body.model or (request.app.state.settings.rerank_model if api_version == "1" else None)
     if ref is None:
         raise ApiError(422, "invalid_request", "model: required (a model name, name@alias or name:version)", "model")
+    if "\x00" in ref:  # PostgreSQL refuses one in any text it compares
+        raise ApiError(422, "invalid_request", "model: must not contain a NUL character", "model")
     answer = await rank(
         request, key=key, ref=ref, query=("query", body.query), documents=("documents", body.documents),
         top_n=body.top_n,

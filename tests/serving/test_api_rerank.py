@@ -112,6 +112,7 @@ def test_cohere_v1_takes_text_objects_and_defaults_to_the_rerank_model(
         ({"top_n": 0}, "top_n"),
         ({"top_n": "two"}, "top_n"),
         ({"model": None}, "model"),
+        ({"model": "qa\x00"}, "model"),
         ({"rank_fields": ["title"]}, "rank_fields.0"),
         ({"relevant_spans": {"mode": "enabled"}}, "relevant_spans.mode"),
         ({"temperature": 1}, "temperature"),
