@@ -63,7 +63,8 @@ def test_another_apis_paging_parameter_is_400_naming_it(client, alice, param):
 
 def test_delete_an_alias(client, alice, bob, settings):
     register(settings, alice.tenant_id, "faq", 2)
-    assert client.put("/v1/models/faq/aliases/production", headers=alice.headers, json={"version": 1}).status_code == 200
+    promoted = client.put("/v1/models/faq/aliases/production", headers=alice.headers, json={"version": 1})
+    assert promoted.status_code == 200
     assert client.get("/v1/models/faq", headers=alice.headers).json()["version"] == 1
 
     assert client.delete("/v1/models/faq/aliases/production", headers=bob.headers).status_code == 404
