@@ -199,6 +199,33 @@ def _server_database_url() -> str:
     return url
 
 
+@cli.command("worker-health")
+def worker_health() -> None:
+    """A container's health check: exit 0 when a worker on this host reported its heartbeat to the database
+    within the last three lease periods (its reconciliation loop runs and the database answers), else 1."""
+    import socket
+
+    from app.db.base import utcnow
+    from app.db.session import session_scope
+    from app.services.reconcile import last_heartbeat
+    from app.services.routing import LIVE_LEASES
+    from app.settings import get_settings
+
+    settings = get_settings()
+    host, window = socket.gethostname(), LIVE_LEASES * settings.lease_s
+    try:
+        with session_scope(settings.database_url) as session:
+            seen = last_heartbeat(session, host=host)
+    except Exception as exc:
+        _fail(f"unhealthy: the database cannot be read ({type(exc).__name__}: {exc})")
+    if seen is None:
+        _fail(f"unhealthy: no worker on {host} has reported yet")
+    age = (utcnow() - seen).total_seconds()
+    if age > window:
+        _fail(f"unhealthy: the last heartbeat of a worker on {host} is {age:.0f} s old (more than {window:.0f} s)")
+    typer.echo(f"healthy: a worker on {host} reported {age:.0f} s ago")
+
+
 def _open_server_database() -> str:
     """The server's database URL, migrated; a clear error when it cannot be reached."""
     from sqlalchemy.exc import OperationalError

@@ -10,9 +10,9 @@ a task finds the job finished or leased elsewhere and returns. Each job is sent 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -93,3 +93,9 @@ def record_worker(session: Session, *, name: str, gpu: bool, queues: Sequence[st
     else:
         row.gpu, row.queues, row.last_seen = gpu, consumed, utcnow()
     session.commit()
+
+
+def last_heartbeat(session: Session, *, host: str) -> datetime | None:
+    """The latest heartbeat of a worker process on `host` (worker names are host:pid), or None."""
+    since = select(func.max(WorkerBeat.last_seen)).where(WorkerBeat.name.startswith(f"{host}:", autoescape=True))
+    return session.scalar(since)

@@ -6,19 +6,24 @@ worker that then falls silent moves to `cpu` and finishes."""
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.db.base import utcnow
+from app.db.migrate import upgrade_database
 from app.db.models import JobLease, JobTask, WorkerBeat
 from app.db.session import session_scope
+from app.embedded import settings_env
 from app.services.demo import DEMO_FILE
 from app.services.reconcile import record_worker
 from app.services.routing import LIVE_LEASES
+from app.settings import Settings
 from tests.integration.conftest import FINISHED, Caller, Stack, _run_stack
 from tests.integration.flow_helpers import tiny_spec, upload
 from tests.integration.test_leases import wait_until
@@ -121,3 +126,24 @@ def test_an_auto_job_whose_gpu_worker_falls_silent_moves_to_cpu_and_finishes(rou
     assert (job["status"], job["queue"]) == ("succeeded", "cpu"), (job, stack.worker_log.read_text()[-3000:])
     stages = [e["stage"] for e in events(stack, caller, job["id"])]
     assert stages[0] == "queued" and "waiting_for_gpu_worker" not in stages, stages
+
+
+def health(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", "from app.cli import main; main()", "worker-health"]
+    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_worker_health_reads_this_hosts_heartbeat(routing_stack, tmp_path):
+    # The stack's worker reports every lease_s / 4: the container health check passes.
+    live = health(settings_env(routing_stack.settings))
+    assert live.returncode == 0 and live.stdout.startswith("healthy"), live
+
+    # A database where this host's worker last reported long ago, and one where none ever did.
+    settings = Settings(home=tmp_path, lease_s=LEASE_S)
+    upgrade_database(settings.database_url)
+    assert health(settings_env(settings)).stderr.startswith("error: unhealthy: no worker on")
+    with session_scope(settings.database_url) as session:
+        record_worker(session, name=f"{socket.gethostname()}:1", gpu=False, queues=["cpu"])
+        session.execute(update(WorkerBeat).values(last_seen=utcnow() - timedelta(seconds=60)))
+    stale = health(settings_env(settings))
+    assert stale.returncode == 1 and "s old (more than 6 s)" in stale.stderr, stale
