@@ -84,7 +84,9 @@ class QueueCollector(Collector):
             with self.celery.connection_for_read() as connection:
                 channel = connection.default_channel
                 for queue in self.queues:
-                    depth.add_metric([queue], channel.queue_declare(queue=queue, passive=True).message_count)
+                    # kombu's virtual transports (Redis, SQLAlchemy) count a queue's messages with its key
+                    # prefix and priorities; a passive declare fails for a queue no one has bound yet.
+                    depth.add_metric([queue], channel._size(queue))
         except Exception as exc:  # a broker down now: no sample this time, and the scrape still answers
             log.warning("queue depth not read: %s", exc)
         yield depth

@@ -79,6 +79,7 @@ def submit_job(
         max_active=settings.max_active_jobs,
         lease_s=settings.lease_s,
         idempotency_key=idempotency_key,
+        request_id=request.scope.get("request_id"),
     )
     response.status_code = 201 if created else 200
     return _public(session, job)

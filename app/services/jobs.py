@@ -189,6 +189,7 @@ def submit_job(
     max_active: int,
     lease_s: float,
     idempotency_key: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Job, bool]:
     """Create a queued job and send its task to the queue its device needs (workers count as live for a few
     `lease_s`); returns (job, created). A retried key returns the first job. A job whose queue no live worker
@@ -221,7 +222,9 @@ def submit_job(
     session.add(job)
     session.flush()
     session.add_all(JobDataset(job_id=job.id, role=role, dataset_id=ds) for role, ds in dataset_ids.items())
-    session.add(JobEvent(job_id=job.id, stage="queued", message=f"job submitted to queue '{queue}'"))
+    # The submitting request's id (X-Request-ID) ties the job to the client's and the api's log lines.
+    by_request = f" by request {request_id}" if request_id else ""
+    session.add(JobEvent(job_id=job.id, stage="queued", message=f"job submitted to queue '{queue}'{by_request}"))
     if waiting:
         message = waiting_message(queue, spec.device)
         session.add(JobEvent(job_id=job.id, stage=waiting_stage(queue), level="warning", message=message))
