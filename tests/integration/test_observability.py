@@ -13,6 +13,7 @@ from tests.integration.conftest import FINISHED, Stack, _run_stack
 from tests.integration.flow_helpers import follow_events, tiny_spec, unlabelled_slice, upload
 from tests.integration.test_leases import wait_until
 from tests.servers import free_port
+from tests.service import embedded_service
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +127,22 @@ def test_the_worker_logs_each_event_once_and_no_third_party_noise(finished_job):
     assert "LOAD REPORT" not in text and "it/s]" not in text and not any(
         r["logger"].startswith(("transformers", "celery.redirected")) for r in records
     ), text[-3000:]
+
+
+def test_the_api_process_logs_its_own_lines_as_json_with_the_request_id(tmp_path):
+    with embedded_service(tmp_path / "home") as service:
+        upload = httpx.post(
+            f"{service.url}/v1/datasets",
+            headers={"Authorization": f"Bearer {service.key}", "X-Request-ID": REQUEST_ID},
+            files={"file": ("pairs.jsonl", b"".join(DEMO_FILE.read_bytes().splitlines(keepends=True)[:20]))},
+            data={"name": "logged"},
+            timeout=30,
+        )
+        assert upload.status_code == 201, upload.text
+        assert upload.headers["X-Request-ID"] == REQUEST_ID
+    log = (tmp_path / "home-service.log").read_text()
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    api = [r for r in records if r["process"] == "api"]
+    assert any(r["logger"] == "app.main" and r["message"].startswith("api ready") for r in api), log[-3000:]
+    stored = [r for r in api if r["logger"] == "app.services.datasets" and "(20 pairs)" in r["message"]]
+    assert [r.get("request_id") for r in stored] == [REQUEST_ID], log[-3000:]
