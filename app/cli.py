@@ -544,6 +544,7 @@ def format_job_summary(job: "Job", report: dict[str, Any] | None) -> str:
         f"job       {job.id}  {job.name}",
         f"status    {job.status}{' (cancel requested)' if job.cancel_requested and not job.finished else ''}",
         f"stage     {job.stage or '-'}  {job.progress:.0%}",
+        f"queue     {job.queue or '-'}",
         f"variants  {variants}",
         f"created   {job.created_at:%Y-%m-%d %H:%M:%S}",
     ]

@@ -176,6 +176,7 @@ class Job(_Body):
     name: str
     status: str
     stage: str | None = None
+    queue: str | None = None
     progress: float = 0.0
     cancel_requested: bool = False
     spec: dict[str, Any] = Field(default_factory=dict)

@@ -105,6 +105,7 @@ def test_submit_follow_status_logs_models_promote_ask(service, tmp_path, tiny_ba
     assert summary.exit_code == 0
     assert f"job       {job_id}  cli-demo" in summary.stdout and "status    succeeded" in summary.stdout
     assert "model     cli-demo:1" in summary.stdout and "MAP       " in summary.stdout
+    assert "queue     cpu" in summary.stdout  # device: cpu
     assert "teachers" not in summary.stdout  # no spec dump
     status = ok_json(qd(service, "status", job_id, "--json"))
     assert status["model"] == {"name": "cli-demo", "version": 1} and status["report"]["sets"]
