@@ -25,12 +25,13 @@ LIVE_LEASES = 3
 
 
 def has_gpu() -> bool:
-    """Whether this host shows this process an NVIDIA GPU (read from the driver, without importing torch)."""
+    """Whether this host shows this process an NVIDIA GPU (read from the driver, without importing torch): the
+    driver's list of GPUs, or (in a container, which may not see that list) a GPU's device file."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return False
     gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def default_queues() -> str:
