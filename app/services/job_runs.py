@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import FINISHED_STATUSES, Dataset, Job, JobDataset, JobEvent, JobLease, JobTask, Metric
-from app.services.routing import waiting_stage
+from app.services.routing import WAITING_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def claim_job(
         message = f"its worker was lost {takeovers} times (at most {max_takeovers} takeovers)"
         finish_job(session, lease=lease, job_id=job_id, status="failed", message=message, error_code="worker_lost")
         return None
-    if job.queue is not None and job.stage == waiting_stage(job.queue):
+    if job.stage in WAITING_STAGES:
         job.stage = None  # a worker took it after all: it waits no more
     session.execute(
         update(Job).where(Job.id == job_id, Job.status == "queued").values(status="running", started_at=now)

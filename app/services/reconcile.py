@@ -56,10 +56,12 @@ def sweep_jobs(session: Session, *, lease_s: float, max_takeovers: int, requeue_
         if ended:
             sweep.ended.append((job.tenant_id, job.id))
     before = now - timedelta(seconds=requeue_after_s)
-    for job in list(session.scalars(select(Job).where(Job.status == "queued"))):
+    queued = select(Job).where(Job.status == "queued").execution_options(populate_existing=True)
+    for job in list(session.scalars(queued)):
         previous = job.queue
         queue = route_job(session, job, live)
-        session.commit()
+        if queue != previous:
+            session.commit()
         # An `auto` job whose queue lost its workers (or gained a GPU worker) moves at once.
         moved = previous is not None and queue != previous
         stale = job.enqueued_at is not None and job.enqueued_at < before

@@ -94,6 +94,9 @@ def waiting_stage(queue: str) -> str:
     return f"waiting_for_{queue}_worker"
 
 
+WAITING_STAGES = frozenset(waiting_stage(queue) for queue in QUEUES)
+
+
 def waiting_message(queue: str, device: str) -> str:
     """Why the job waits, and what to do."""
     if queue == GPU_QUEUE:
@@ -106,18 +109,24 @@ def waiting_message(queue: str, device: str) -> str:
 
 def note_availability(session: Session, job: Job, live: LiveWorkers) -> None:
     """Mark a queued job waiting when no live worker consumes its queue, and unmark it once one does; an event
-    each time. Conditional updates: when several workers sweep at once, one of them writes the event. Commits."""
+    each time. Conditional updates: when several workers sweep at once, one of them writes the event. Commits
+    what it changes."""
     if job.queue is None:
         return
     waiting = waiting_stage(job.queue)
     if job.queue not in live.queues:
+        if job.stage == waiting:
+            return
         changed = update(Job).where(
             Job.id == job.id, Job.status == "queued", or_(Job.stage.is_(None), Job.stage != waiting)
         )
         stage, level, message = waiting, "warning", waiting_message(job.queue, job_device(job))
     else:
-        changed = update(Job).where(Job.id == job.id, Job.status == "queued", Job.stage == waiting)
+        if job.stage not in WAITING_STAGES:  # (a moved job may wait for the other queue's worker)
+            return
+        changed = update(Job).where(Job.id == job.id, Job.status == "queued", Job.stage.in_(WAITING_STAGES))
         stage, level, message = "queued", "info", f"a worker consuming queue '{job.queue}' is alive"
     if session.execute(changed.values(stage=stage, updated_at=utcnow())).rowcount == 1:
         session.add(JobEvent(job_id=job.id, stage=stage, level=level, message=message))
+        job.stage = stage
     session.commit()

@@ -82,7 +82,9 @@ def test_the_sweep_marks_a_job_nobody_takes_and_moves_a_stranded_auto_job(sessio
     cpu = queued_job(session, "cpu", "cpu")
     sweep = sweep_jobs(session, lease_s=30, max_takeovers=3, requeue_after_s=300)
     assert sweep.resend == [(auto.id, "cpu")]
-    stages = {j.id: (session.get(Job, j.id).queue, session.get(Job, j.id).stage) for j in (cuda, auto, cpu)}
+    for job in (cuda, auto, cpu):
+        session.refresh(job)
+    stages = {j.id: (j.queue, j.stage) for j in (cuda, auto, cpu)}
     assert stages == {
         cuda.id: ("gpu", "waiting_for_gpu_worker"),
         auto.id: ("cpu", None),
@@ -107,3 +109,15 @@ def test_worker_refuses_an_unknown_queue():
     assert result.exit_code == 2
     text = " ".join(result.output.replace("│", " ").split())  # the error box may wrap the line
     assert "'gpu,default': each queue must be one of gpu, cpu" in text, result.output
+
+
+def test_an_auto_job_moved_to_a_live_queue_waits_no_more(session):
+    # Sent to cpu while no worker was alive, it waited for a CPU worker; then a GPU worker reports in.
+    job = queued_job(session, "auto", "cpu")
+    note_availability(session, job, NONE)
+    session.refresh(job)
+    assert job.stage == "waiting_for_cpu_worker"
+    record_worker(session, name="gpu-host:1", gpu=True, queues=["gpu"])
+    assert sweep_jobs(session, lease_s=30, max_takeovers=3, requeue_after_s=300).resend == [(job.id, "gpu")]
+    session.refresh(job)
+    assert (job.queue, job.stage) == ("gpu", "queued")
