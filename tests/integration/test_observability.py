@@ -85,7 +85,13 @@ def test_the_apis_metrics_time_loads_and_answers_by_model_only_with_the_key(fini
     stack, alice, job_id = finished_job
     body = {"question": "what do bees make?", "passages": ["the sky is blue.", "bees make honey."]}
     assert stack.client.post("/v1/models/observed/answer", headers=alice.headers, json=body).status_code == 200
+    events = '{method="GET",route="/v1/jobs/{job_id}/events"}'
+    timed, counted = f"qadistill_http_request_seconds_count{events}", "qadistill_http_requests_total{" + events[1:-1]
+    before = samples(stack.client.get("/metrics").text)
     follow_events(stack, alice, job_id)  # an event stream, which the request histogram leaves out
+    after = samples(stack.client.get("/metrics").text)
+    assert after.get(timed) == before.get(timed), "an SSE stream timed as a request"
+    assert after[f'{counted},status="200"}}'] == before.get(f'{counted},status="200"}}', 0) + 1, "and still counted"
 
     public = stack.client.get("/metrics").text
     keyed = stack.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
@@ -100,9 +106,6 @@ def test_the_apis_metrics_time_loads_and_answers_by_model_only_with_the_key(fini
         assert name in public, name
     by_model = 'qadistill_model_answer_latency_seconds_count{model="observed",version="1"}'
     assert by_model not in public and 'model="' not in public and by_model in keyed
-    events = '{method="GET",route="/v1/jobs/{job_id}/events"}'
-    assert f"qadistill_http_request_seconds_count{events}" not in keyed, "an SSE stream timed as a request"
-    assert 'qadistill_http_requests_total{method="GET",route="/v1/jobs/{job_id}/events",status="200"}' in keyed
 
 
 def test_the_request_id_reaches_the_jobs_events(finished_job):
