@@ -3,12 +3,14 @@ folder (PROMETHEUS_MULTIPROC_DIR), which the worker's metrics port reads. The va
 prometheus_client is first imported, so this module imports nothing of the project."""
 
 import atexit
+import glob
 import os
 import shutil
 import sys
 import tempfile
 
 VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "qadistill-worker-metrics-"
 
 
 def use_multiprocess_dir() -> str | None:
@@ -24,8 +26,17 @@ def use_multiprocess_dir() -> str | None:
             if name.endswith(".db"):
                 os.unlink(os.path.join(folder, name))
     else:
-        folder = tempfile.mkdtemp(prefix="qadistill-worker-metrics-")
-        os.environ[VARIABLE] = folder
         parent = os.getpid()
+        _remove_dead_workers_folders()
+        folder = tempfile.mkdtemp(prefix=f"{PREFIX}{parent}-")
+        os.environ[VARIABLE] = folder
         atexit.register(lambda: os.getpid() == parent and shutil.rmtree(folder, ignore_errors=True))
     return folder
+
+
+def _remove_dead_workers_folders() -> None:
+    # A worker killed outright (SIGKILL, OOM) leaves its folder behind: its name says whose it was.
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{PREFIX}*-*")):
+        pid = os.path.basename(path).removeprefix(PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
