@@ -43,7 +43,8 @@ def download_version(ref: str, request: Request, tenant: CurrentTenant, session:
     if not manifest.standard:
         raise ApiError(
             404, "model_not_found",
-            f"model {ref}: version {row.version} has no standard folder (a bilstm student has none)", "ref",
+            f"model {ref}: version {row.version} has no standard folder (a bilstm student, or an encoder other "
+            "than BERT, has none; versions registered before standard folders existed neither)", "ref",
         )  # fmt: skip
     stem = f"{row.name}-v{row.version}"
     archive = _write_archive(folder, stem, [entry.model_dump() for entry in manifest.standard])

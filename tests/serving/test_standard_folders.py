@@ -154,6 +154,20 @@ def test_download_needs_a_key_and_a_known_model(client: TestClient, headers: dic
     assert client.get("/v1/models/ce:9/download", headers=headers).status_code == 404
 
 
+def test_a_version_without_standard_folders_is_a_404_that_says_why(
+    client: TestClient, settings: Settings, train_pairs: list[Pair], tmp_path: Path
+) -> None:
+    bilstm = build_tiny_ensemble(tmp_path / "bilstm", train_pairs, members=1, kind="bilstm")
+    assert read_manifest(bilstm).standard == []
+    tenant_id, headers = make_caller(settings)
+    register(settings, tenant_id, "lstm", [bilstm])
+
+    response = client.get("/v1/models/lstm/download", headers=headers)
+
+    assert response.status_code == 404
+    assert "no standard folder" in response.json()["error"]["message"]
+
+
 def test_mean_logit_against_mean_probability_map_on_demo_data(tiny_ensemble: Path, eval_pairs: list[Pair]) -> None:
     """The service averages P(relevant) over heads and members; a member's folder ranks by its heads' mean
     logit. Measured on the demo data's dev pairs (printed with -s); the gap stays small."""
