@@ -17,15 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from app.distill.manifest import EnsembleFormatError, EnsembleManifest, read_manifest, write_manifest
-from app.distill.scoring import PairEncoder, PairScores, combine_logits, score_encoded, torch_forward
+from app.distill.scoring import PairEncoder, PairScores, combine_logits, score_encoded, torch_member
 from app.distill.standard import STANDARD_DIR, write_standard_folder
 from app.distill.students import BiEncoderStudent, BiLSTMEncoder, MultiHeadStudent
 
@@ -67,9 +69,10 @@ class StudentEnsemble:
         return combine_logits(logits)
 
     def score_pairs(self, questions: list[str], passages: list[str]) -> PairScores:
-        """Scores of (question, passage) pairs, in length-sorted chunks as serving scores them."""
-        forwards = [torch_forward(member, self.device) for member in self.members]
-        return score_encoded(self.encoder(questions, passages), forwards)
+        """Scores of (question, passage) pairs as serving scores them: length-sorted chunks, and a bi-encoder
+        member's questions and passages encoded apart, each distinct side once."""
+        members = [torch_member(member, self.device) for member in self.members]
+        return score_encoded(self.encoder(questions, passages), members)
 
 
 def save_ensemble(
@@ -174,6 +177,15 @@ def load_member(folder: Path) -> MultiHeadStudent | BiEncoderStudent:
     student.dropout.p = config["dropout"]
     student.heads.load_state_dict(load_file(folder / "heads.safetensors"))
     return student.eval()
+
+
+def read_cosine_heads(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """A bi-encoder member's head weights [H, D], biases [H] (float32) and [CLS] id, without its encoder."""
+    config = json.loads((folder / "student.json").read_text())
+    if config.get("kind") != "bi-encoder":
+        raise EnsembleFormatError(f"{folder}: a {config.get('kind')!r} member has no cosine heads")
+    heads = load_numpy(folder / "heads.safetensors")
+    return heads["weight"].astype(np.float32), heads["bias"].astype(np.float32), int(config["cls_token_id"])
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:

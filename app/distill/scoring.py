@@ -5,6 +5,12 @@ its batch-mates; pairs are sorted by length and cut into chunks, each padded to 
 (`score_encoded`); every member gives logits [N, heads, 2], and `combine_logits` turns them into
 P(relevant) per head, averaged over heads and then over members. Backends (torch, ONNX Runtime) only
 supply the members' forwards.
+
+A bi-encoder member reads the two sides of a pair apart, so it is served as an `EmbeddingMember`: the
+pairs' tokens are split into their sides (`split_sides`: `[CLS] question [SEP]` and `[CLS] passage [SEP]`,
+exactly the tokens the pair form keeps), each distinct side is encoded once per batch, and
+`cosine_head_logits` scores the pairs from the unit vectors. A question asked with ten passages is then
+encoded once instead of ten times, and attention runs over one side's columns instead of both.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -16,12 +22,63 @@ import torch
 from torch import nn
 
 from app.distill.data import EncodedPairs, encode_texts
+from app.distill.students import BiEncoderStudent
 
 Batch = dict[str, np.ndarray]  # model inputs, int64 [pairs, tokens]
 MemberForward = Callable[[Batch], np.ndarray]  # logits [pairs, heads, 2]
+SideForward = Callable[[Batch], np.ndarray]  # input_ids, attention_mask [sides, tokens] -> unit vectors [sides, D]
 # Small chunks of length-sorted pairs keep padding low (WikiQA pairs vary from ~15 to 64 tokens) while
 # the matrices stay large enough for efficient kernels.
 DEFAULT_CHUNK_PAIRS = 8
+# Sides are about half a pair's length, so a chunk holds twice as many for the same work.
+SIDES_PER_PAIR_CHUNK = 2
+
+
+@dataclass(frozen=True)
+class EmbeddingMember:
+    """A bi-encoder member as served: a side encoder and its cosine heads' weights (float32 numpy)."""
+
+    embed: SideForward
+    weight: np.ndarray  # [H, D]
+    bias: np.ndarray  # [H]
+    cls_token_id: int  # the passage side's own first token
+
+
+Member = MemberForward | EmbeddingMember
+
+
+@dataclass(frozen=True)
+class PairSides:
+    """The distinct sides of some pairs, and which side each pair's question and passage is."""
+
+    sides: EncodedPairs  # each distinct side once, unpadded
+    question: np.ndarray  # [N] row in `sides` of each pair's question side
+    passage: np.ndarray  # [N] row in `sides` of each pair's passage side
+
+
+def split_sides(encoded: EncodedPairs, cls_token_id: int) -> PairSides:
+    """Each pair `[CLS] q [SEP] p [SEP]` as its sides `[CLS] q [SEP]` and `[CLS] p [SEP]`, distinct ones once.
+
+    The sides are cut from the pair's own tokens, so they keep exactly what the pair's truncation kept
+    (the passage cut to fit, a too-long question cut too): a side's vector is the one the pair form gives.
+    """
+    if encoded.token_type_ids is None:
+        raise ValueError("a bi-encoder member needs token_type_ids to tell the question from the passage")
+    rows: dict[tuple[int, ...], int] = {}
+    question = np.empty(len(encoded), dtype=np.int64)
+    passage = np.empty(len(encoded), dtype=np.int64)
+    for i, (ids, types) in enumerate(zip(encoded.input_ids, encoded.token_type_ids, strict=True)):
+        split = types.index(1) if 1 in types else len(ids)
+        question[i] = rows.setdefault(tuple(ids[:split]), len(rows))
+        passage[i] = rows.setdefault((cls_token_id, *ids[split:]), len(rows))
+    sides = EncodedPairs(input_ids=[list(ids) for ids in rows], token_type_ids=None, pad_token_id=encoded.pad_token_id)
+    return PairSides(sides, question, passage)
+
+
+def cosine_head_logits(question: np.ndarray, passage: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Logits [N, H, 2] of unit vectors [N, D]: relevance_h = sum_d weight[h, d] q_d p_d + bias[h], as CosineHeads."""
+    relevance = (question * passage) @ weight.T + bias
+    return np.stack([np.zeros_like(relevance), relevance], axis=-1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +92,6 @@ class PairScores:
     def rows(self, start: int, stop: int) -> Self:
         """The scores of pairs start..stop-1."""
         return type(self)(self.scores[start:stop], self.member_scores[start:stop], self.head_scores[start:stop])
-
-    def take(self, indices: np.ndarray) -> Self:
-        """The scores of the pairs at `indices`, in that order."""
-        return type(self)(self.scores[indices], self.member_scores[indices], self.head_scores[indices])
-
-    @classmethod
-    def concat(cls, parts: list[Self]) -> Self:
-        """Stack the scores of consecutive chunks of pairs."""
-        return cls(
-            np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.member_scores for p in parts]),
-            np.concatenate([p.head_scores for p in parts]),
-        )
 
 
 def combine_logits(member_logits: Sequence[np.ndarray]) -> PairScores:
@@ -94,26 +138,48 @@ def even_chunks(items: list[int], most: int) -> list[list[int]]:
 
 def score_encoded(
     encoded: EncodedPairs,
-    members: Sequence[MemberForward],
+    members: Sequence[Member],
     *,
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
-    run: Callable[[Callable[[MemberForward, Batch], np.ndarray], Iterable, Iterable], Iterable] = map,
+    run: Callable[[Callable[[Callable[[Batch], np.ndarray], Batch], np.ndarray], Iterable, Iterable], Iterable] = map,
 ) -> PairScores:
     """Scores of encoded pairs: length-sorted chunks, each padded on its own, every member on every chunk.
 
-    `run` maps (forward, batch) over the (chunk, member) pieces: `map`, or an executor's map to run
-    them side by side.
+    A pair member's chunks are of pairs; an EmbeddingMember's are of the pairs' distinct sides. `run` maps
+    (forward, batch) over the (chunk, member) pieces: `map`, or an executor's map to run them side by side.
     """
     if not len(encoded):
         raise ValueError("no pairs to score")
-    order = np.argsort(encoded.lengths(), kind="stable").tolist()
-    batches = [encoded.pad(rows) for rows in even_chunks(order, chunk_pairs)]
-    forwards = [forward for _ in batches for forward in members]
-    inputs = [batch for batch in batches for _ in members]
-    logits = list(run(_call, forwards, inputs))
-    k = len(members)
-    parts = [combine_logits(logits[i * k : (i + 1) * k]) for i in range(len(batches))]
-    return PairScores.concat(parts).take(np.argsort(order))
+    pair_batches: list[Batch] | None = None
+    sides: dict[int, tuple[PairSides, list[list[int]], list[Batch]]] = {}
+    forwards, inputs, counts = [], [], []
+    for member in members:
+        if isinstance(member, EmbeddingMember):
+            if member.cls_token_id not in sides:
+                split = split_sides(encoded, member.cls_token_id)
+                chunks = _sorted_chunks(split.sides, chunk_pairs * SIDES_PER_PAIR_CHUNK)
+                sides[member.cls_token_id] = (split, chunks, [split.sides.pad(rows) for rows in chunks])
+            batches, forward = sides[member.cls_token_id][2], member.embed
+        else:
+            if pair_batches is None:
+                pair_batches = [encoded.pad(rows) for rows in _sorted_chunks(encoded, chunk_pairs)]
+            batches, forward = pair_batches, member
+        forwards += [forward] * len(batches)
+        inputs += batches
+        counts.append(len(batches))
+    outputs = list(run(_call, forwards, inputs))
+    logits, start = [], 0
+    for member, count in zip(members, counts, strict=True):
+        parts = outputs[start : start + count]
+        start += count
+        if isinstance(member, EmbeddingMember):
+            split, chunks, _ = sides[member.cls_token_id]
+            vectors = _in_rows(parts, chunks)
+            question, passage = vectors[split.question], vectors[split.passage]
+            logits.append(cosine_head_logits(question, passage, member.weight, member.bias))
+        else:
+            logits.append(_in_rows(parts, _sorted_chunks(encoded, chunk_pairs)))
+    return combine_logits(logits)
 
 
 def torch_forward(member: nn.Module, device: torch.device | str = "cpu") -> MemberForward:
@@ -128,5 +194,34 @@ def torch_forward(member: nn.Module, device: torch.device | str = "cpu") -> Memb
     return forward
 
 
-def _call(forward: MemberForward, batch: Batch) -> np.ndarray:
+def torch_member(member: nn.Module, device: torch.device | str = "cpu") -> Member:
+    """A torch member as served: an EmbeddingMember for a bi-encoder student, else its pair forward."""
+    if not isinstance(member, BiEncoderStudent):
+        return torch_forward(member, device)
+    device = torch.device(device)
+    heads = member.heads
+
+    def embed(batch: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            vectors = member.embed(*(torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask")))
+        return vectors.float().cpu().numpy()
+
+    weight, bias = (t.detach().float().cpu().numpy() for t in (heads.weight, heads.bias))
+    return EmbeddingMember(embed, weight, bias, member.cls_token_id)
+
+
+def _sorted_chunks(encoded: EncodedPairs, most: int) -> list[list[int]]:
+    """Row indices sorted by length, cut into even chunks of at most `most`."""
+    return even_chunks(np.argsort(encoded.lengths(), kind="stable").tolist(), most)
+
+
+def _in_rows(parts: list[np.ndarray], chunks: list[list[int]]) -> np.ndarray:
+    """The chunks' outputs put back in row order."""
+    rows = np.concatenate([np.asarray(p) for p in parts])
+    out = np.empty_like(rows)
+    out[np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])] = rows
+    return out
+
+
+def _call(forward: Callable[[Batch], np.ndarray], batch: Batch) -> np.ndarray:
     return forward(batch)

@@ -141,11 +141,18 @@ class BiEncoderStudent(nn.Module):
             input_ids=input_ids, token_type_ids=torch.zeros_like(side), position_ids=positions
         )
         allowed = (side[:, :, None] == side[:, None, :]) & real[:, None, :]
-        additive = (~allowed)[:, None].to(hidden.dtype) * torch.finfo(hidden.dtype).min  # [B, 1, T, T]
-        for layer in self.encoder.encoder.layer:
-            hidden = layer(hidden, additive)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = self._layers(hidden, allowed[:, None])  # [B, 1, T, T]
         return mean_pool(hidden, (side == 0) & real), mean_pool(hidden, (side == 1) & real)
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Unit-length vectors [B, D] of single sides, each tokenised `[CLS] text [SEP]` (token types 0).
+
+        A side's vector equals the one `encode` gives it inside a pair with the same side tokens: serving
+        encodes each distinct question and passage once this way (app/distill/scoring.py).
+        """
+        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        hidden = self._layers(hidden, attention_mask.bool()[:, None, None, :])  # [B, 1, 1, T]
+        return mean_pool(hidden, attention_mask.bool())
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """Logits of every head: [B, H, 2], relevance in [..., 1]."""
@@ -153,6 +160,14 @@ class BiEncoderStudent(nn.Module):
             raise ValueError("a bi-encoder student needs token_type_ids to tell the question from the passage")
         relevance = self.heads(*self.encode(input_ids, attention_mask, token_type_ids))
         return torch.stack([torch.zeros_like(relevance), relevance], dim=-1)
+
+    def _layers(self, hidden: Tensor, allowed: Tensor) -> Tensor:
+        """The encoder's layers over `hidden`, attention where `allowed` (broadcast to [B, 1, T, T])."""
+        additive = (~allowed).to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        for layer in self.encoder.encoder.layer:
+            hidden = layer(hidden, additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return hidden
 
 
 def supports_side_attention(encoder: nn.Module) -> bool:

@@ -3,7 +3,9 @@
 Every backend encodes and scores through the core's one path (app/distill/scoring.py): each pair
 tokenised on its own, length-sorted chunks padded on their own, logits combined in one place; only the
 members' forwards differ. Each (chunk, member) forward is a separate piece of work: on ONNX Runtime they
-run side by side, one per core.
+run side by side, one per core. A bi-encoder member is served by its side encoder (each distinct question
+and passage encoded once, the heads applied to the unit vectors in numpy): its ONNX file is that side
+encoder, with outputs named `embeddings` instead of `logits`.
 """
 
 import inspect
@@ -19,17 +21,19 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from app.distill.export import StudentEnsemble, load_ensemble
+from app.distill.export import StudentEnsemble, load_ensemble, read_cosine_heads
 from app.distill.manifest import EnsembleManifest, read_manifest
 from app.distill.scoring import (
     DEFAULT_CHUNK_PAIRS,
     Batch,
-    MemberForward,
+    EmbeddingMember,
+    Member,
     PairEncoder,
     PairScores,
     score_encoded,
-    torch_forward,
+    torch_member,
 )
+from app.distill.students import BiEncoderStudent
 from app.serving.pooled import FirstTokenStudent, supports_first_token
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,7 @@ class EnsembleRunner:
 
     backend: str
     encoder: PairEncoder
-    members: list[MemberForward]
+    members: list[Member]
     heads: list[str]
     size_bytes: int
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
@@ -97,7 +101,7 @@ def load_runner(
 def torch_runner(ensemble: StudentEnsemble, backend: str) -> EnsembleRunner:
     """Run an ensemble's torch members as they are (fp32), int8-quantised, or in fp16 on CUDA."""
     device = torch.device("cuda" if backend == CUDA_BACKEND else "cpu")
-    members = [torch_forward(_prepare_torch_member(m, backend), device) for m in ensemble.members]
+    members = [torch_member(_prepare_torch_member(m, backend), device) for m in ensemble.members]
     size = sum(_parameter_bytes(m) for m in ensemble.members)
     return EnsembleRunner(backend, ensemble.encoder, members, list(ensemble.heads), size)
 
@@ -119,11 +123,30 @@ def onnx_runner(ensemble_dir: Path, manifest: EnsembleManifest, backend: str, *,
     return EnsembleRunner(backend, encoder, members, list(manifest.heads), size, pool=pool)
 
 
+class SideEncoder(nn.Module):
+    """A bi-encoder student's side encoder: forward(input_ids, attention_mask) -> unit vectors [B, D]."""
+
+    def __init__(self, student: BiEncoderStudent) -> None:
+        super().__init__()
+        self.student = student.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-length vectors of single sides `[CLS] text [SEP]`."""
+        return self.student.embed(input_ids, attention_mask)
+
+
 def export_onnx(member: nn.Module, sample: dict[str, torch.Tensor], path: Path) -> None:
-    """Write one member as ONNX with dynamic batch and sequence axes (TorchScript-based exporter)."""
+    """Write one member as ONNX with dynamic batch and sequence axes (TorchScript-based exporter).
+
+    A bi-encoder member is written as its SideEncoder (output `embeddings`), which takes `sample`'s
+    input_ids and attention_mask as sides: any padded token rows trace the same graph.
+    """
+    output = "logits"
+    if isinstance(member, BiEncoderStudent):
+        member, output = SideEncoder(member), "embeddings"
     # The exporter names graph inputs in forward()'s parameter order, whatever the order of `sample`.
     names = [name for name in inspect.signature(member.forward).parameters if name in sample]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {output: {0: "batch"}}
     tmp = path.with_suffix(".tmp")
     # The dynamo exporter needs onnxscript, which is not a dependency; the TorchScript one handles
     # these encoders, with outputs that match torch to ~1e-6.
@@ -133,7 +156,7 @@ def export_onnx(member: nn.Module, sample: dict[str, torch.Tensor], path: Path) 
         str(tmp),
         kwargs={name: sample[name] for name in names},
         input_names=names,
-        output_names=["logits"],
+        output_names=[output],
         dynamic_axes=axes,
         opset_version=17,
         dynamo=False,
@@ -199,7 +222,8 @@ def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
     raise BackendError(f"unknown backend {backend!r}; expected one of {(*CPU_BACKENDS, CUDA_BACKEND)}")
 
 
-def _onnx_member(path: Path, threads: int) -> MemberForward:
+def _onnx_member(path: Path, threads: int) -> Member:
+    """A member's ONNX file in a session: its pair forward, or for a side encoder an EmbeddingMember."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -217,7 +241,10 @@ def _onnx_member(path: Path, threads: int) -> MemberForward:
     def forward(batch: Batch) -> np.ndarray:
         return session.run(None, {name: batch[name] for name in wanted})[0]
 
-    return forward
+    if session.get_outputs()[0].name != "embeddings":
+        return forward
+    weight, bias, cls_token_id = read_cosine_heads(path.parent)
+    return EmbeddingMember(forward, weight, bias, cls_token_id)
 
 
 def _parameter_bytes(module: nn.Module) -> int:
