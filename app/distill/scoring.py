@@ -146,11 +146,12 @@ def score_encoded(
     """Scores of encoded pairs: length-sorted chunks, each padded on its own, every member on every chunk.
 
     A pair member's chunks are of pairs; an EmbeddingMember's are of the pairs' distinct sides (at most
-    `chunk_pairs` sides each). `run` maps
-    (forward, batch) over the (chunk, member) pieces: `map`, or an executor's map to run them side by side.
+    `chunk_pairs` sides each). `run` maps (forward, batch) over the (chunk, member) pieces: `map`, or an
+    executor's map to run them side by side.
     """
     if not len(encoded):
         raise ValueError("no pairs to score")
+    pair_chunks = _sorted_chunks(encoded, chunk_pairs)
     pair_batches: list[Batch] | None = None
     sides: dict[int, tuple[PairSides, list[list[int]], list[Batch]]] = {}
     forwards, inputs, counts = [], [], []
@@ -163,7 +164,7 @@ def score_encoded(
             batches, forward = sides[member.cls_token_id][2], member.embed
         else:
             if pair_batches is None:
-                pair_batches = [encoded.pad(rows) for rows in _sorted_chunks(encoded, chunk_pairs)]
+                pair_batches = [encoded.pad(rows) for rows in pair_chunks]
             batches, forward = pair_batches, member
         forwards += [forward] * len(batches)
         inputs += batches
@@ -179,7 +180,7 @@ def score_encoded(
             question, passage = vectors[split.question], vectors[split.passage]
             logits.append(cosine_head_logits(question, passage, member.weight, member.bias))
         else:
-            logits.append(_in_rows(parts, _sorted_chunks(encoded, chunk_pairs)))
+            logits.append(_in_rows(parts, pair_chunks))
     return combine_logits(logits)
 
 
