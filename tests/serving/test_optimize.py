@@ -1,4 +1,4 @@
-"""Registration-time optimisation: the fastest backend within 0.5 MAP points of fp32 is chosen and served."""
+"""Registration-time optimisation: the fastest batch-invariant backend within 0.5 MAP points of fp32 is served."""
 
 import json
 import shutil
@@ -26,8 +26,20 @@ def test_chosen_backend_is_the_fastest_acceptable_and_keeps_map(
     assert set(candidates) == set(CPU_BACKENDS)
     measured = [c for c in candidates.values() if "ms_per_question" in c]
     assert {"torch-fp32", "torch-int8", "onnx-fp32"} <= {c["backend"] for c in measured}
-    acceptable = [c for c in measured if c["map"] >= serving["map_fp32"] - 0.005]
+    acceptable = [c for c in measured if c["map"] >= serving["map_fp32"] - 0.005 and c["batch_drift"] <= 1e-4]
     assert serving["backend"] == min(acceptable, key=lambda c: c["ms_per_question"])["backend"]
+    # Dynamic int8 scales activations per batch: a pair's score would move with its batch-mates, so never served.
+    assert candidates["torch-fp32"]["batch_drift"] <= 1e-4
+    assert candidates["torch-int8"]["batch_drift"] > 1e-4 and not candidates["torch-int8"]["acceptable"]
+    assert serving["backend"] in ("torch-fp32", "onnx-fp32")
+
+    # A pair's served score does not depend on the pairs that share its batch.
+    runner = load_runner(folder)
+    pair, others = eval_pairs[0], eval_pairs[1:12]
+    alone = runner.score([pair.question], [pair.passage]).scores[0]
+    batched = runner.score([pair.question] + [p.question for p in others], [pair.passage] + [p.passage for p in others])
+    assert abs(batched.scores[0] - alone) <= 1e-4
+    runner.close()
 
     # What is served from the folder now reproduces the recorded quality.
     runner = load_runner(folder)
