@@ -1,6 +1,7 @@
 """Leases and reconciliation with real worker processes: a whole worker killed, a cancel with no worker, a lost
 broker message. Short leases (LEASE_S) so that each test waits seconds, not minutes."""
 
+import itertools
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ from app.services import jobs
 from app.services.demo import DEMO_FILE
 from app.storage import ArtifactStore
 from tests.integration.conftest import FINISHED, Stack, _run_stack
-from tests.integration.flow_helpers import tiny_spec, upload
+from tests.integration.flow_helpers import tiny_spec, unlabelled_slice, upload
 from workers.workspace import CURRENT, teacher_key, workspace_key
 
 pytestmark = pytest.mark.integration
@@ -159,6 +160,47 @@ def test_whole_worker_killed_mid_job_is_taken_over_and_resumes(lease_stack, tiny
     # The worker deletes them right after it marks the job succeeded.
     wait_until(lambda: store.list_names(work) == [], 10, "the finished job's checkpoints to be deleted")
     assert store.list_names(teacher_work) == [], "the finished job's teacher checkpoints are still stored"
+
+
+@pytest.mark.parametrize("lease_stack", ["postgres", "embedded"], indirect=True)
+def test_whole_worker_killed_in_stage1_is_taken_over_and_resumes_stage1(lease_stack, tiny_base, sample_data):
+    stack = lease_stack
+    fay = stack.caller(f"fay-{secrets.token_hex(3)}")
+    upload(stack, fay, DEMO_FILE.read_bytes(), "demo")
+    upload(stack, fay, unlabelled_slice(sample_data), "pool")
+    start_spare_worker(stack)
+    spec = tiny_spec(
+        tiny_base,
+        name="stage1-resumed",
+        variants=["tkd"],
+        stage1={"batch_size": 1, "epochs": 50, "max_steps": 800, "learning_rate": 1e-4},
+        checkpoint_every=10,
+    )
+    job_id = stack.client.post("/v1/jobs", headers=fay.headers, json=spec).json()["id"]
+
+    store = ArtifactStore(stack.settings.artifacts_url)
+    work = store.uri(workspace_key(fay.tenant_id, job_id))
+
+    def stored_stage1_checkpoint() -> bool:
+        current = store.read_text(f"{work}/{CURRENT}")
+        return current is not None and any(
+            n.startswith("step-") for n in store.list_names(f"{work}/{current}/checkpoints/stage1/tkd")
+        )
+
+    wait_until(stored_stage1_checkpoint, 120, "a stored stage-1 checkpoint")
+    kill_lease_holder(stack, job_id)
+
+    job = stack.wait_for(fay, job_id, lambda j: j["status"] in FINISHED, timeout=240)
+    assert job["status"] == "succeeded", (job, stack.worker_log.read_text()[-3000:])
+    texts = messages(stack, fay, job_id)
+    assert any(m.startswith("restarted after an interruption (takeover 1 of at most 3)") for m in texts), texts
+    events = stack.client.get(f"/v1/jobs/{job_id}/events", headers=fay.headers, params={"limit": 1000}).json()
+    resumed = [e["stage"] for e in events["data"] if e["message"].startswith("resuming from the checkpoint")]
+    assert "stage1:tkd" in resumed, events
+    leases = lease_history(stack, job_id)
+    assert len({lease.worker for lease in leases}) >= 2
+    for earlier, later in itertools.pairwise(leases):
+        assert later.acquired_at >= (earlier.released_at or earlier.expires_at), "two workers held the job at once"
 
 
 def test_cancel_a_job_whose_worker_was_killed(lease_stack, tiny_base):
