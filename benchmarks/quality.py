@@ -41,9 +41,8 @@ IN_DOMAIN, OUT_OF_DOMAIN = "wikiqa/dev", "trecqa/dev"
 STUDENT_BASE = "all-MiniLM-L6-v2"
 
 # Bi-encoder teachers (the base checkpoints were trained as such: fine-tuned with a ranking loss they learn
-# WikiQA and keep TrecQA, more of it with 0.3 of the base's weights averaged back in, the default keep_base),
-# two MiniLM settings and mpnet; a bi-encoder student from layers of the first MiniLM teacher, distilled
-# listwise. Why each choice: benchmarks/results/quality.md.
+# WikiQA and keep most of TrecQA), two MiniLM settings and mpnet; a bi-encoder student from layers of the first
+# MiniLM teacher, distilled listwise. Why each choice: benchmarks/results/quality.md.
 MINILM_TEACHER = {"kind": "bi-encoder", "base": "all-MiniLM-L6-v2", "batch_size": 128, "max_length": 128}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {

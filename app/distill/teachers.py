@@ -103,11 +103,11 @@ def prepare_teacher(
         groups=groups,
     )
     trained = model.encoder if isinstance(model, BiEncoder) else model
-    if spec.base_share > 0:
+    if spec.keep_base > 0:
         # The encoder body only: a cross-encoder's fresh classifier has no base to go back to.
         base_state = AutoModel.from_pretrained(base, use_safetensors=True, dtype=torch.float32).state_dict()
-        mix_weights(trained.base_model, base_state, spec.base_share)
-        hooks.event(stage, f"weights averaged: {spec.base_share:g} of {spec.base}'s, the rest fine-tuned")
+        mix_weights(trained.base_model, base_state, spec.keep_base)
+        hooks.event(stage, f"weights averaged: {spec.keep_base:g} of {spec.base}'s, the rest fine-tuned")
     save_teacher(trained, tokenizer, folder)
     # The saved folder is the artifact now; its checkpoints (weights and optimiser state, ~3x the model) go.
     shutil.rmtree(checkpoint_dir)

@@ -56,9 +56,8 @@ def test_keep_base_averages_the_fine_tuned_weights_with_the_bases(
     assert any("weights averaged: 0.25" in message for _, message in recorder.events)
 
 
-def test_a_bi_encoder_teacher_keeps_part_of_its_base_by_default_and_a_cross_encoder_none() -> None:
-    assert TeacherSpec(name="a").base_share == 0.3
-    assert TeacherSpec(name="b", kind="cross-encoder").base_share == 0.0
-    assert TeacherSpec(name="c", keep_base=0).base_share == 0.0
+
+def test_keep_base_is_off_by_default_and_below_one() -> None:
+    assert TeacherSpec(name="a").keep_base == 0.0
     with pytest.raises(ValueError, match="keep_base"):
         TeacherSpec(name="d", keep_base=1.0)
