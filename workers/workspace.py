@@ -78,11 +78,17 @@ class Workspace:
         fingerprint = folder_fingerprint(self.local)
         if fingerprint == self.last_fingerprint:
             return
+        self.still_leased()
         self.count += 1
         name = f"snap-{self.epoch:04d}-{self.count:06d}"
         self.store.put_dir(self.local, f"{self.key}/{name}")
-        # A worker that lost the job must not point CURRENT at its own snapshot (the new holder's would be lost).
-        self.still_leased()
+        # A worker that lost the job must not point CURRENT at its own snapshot (the new holder's would be lost),
+        # nor leave it behind: the job may have ended and had its snapshots deleted while this one was copied.
+        try:
+            self.still_leased()
+        except BaseException:
+            self.store.delete(self.store.uri(f"{self.key}/{name}"))
+            raise
         self.store.put_text(name, f"{self.key}/{CURRENT}")
         self.last_fingerprint = fingerprint
         for old in self.store.list_names(self.store.uri(self.key)):

@@ -68,3 +68,30 @@ def test_job_workspace_snapshots_round_trip(store: ArtifactStore, tmp_path: Path
     assert taker.restore()
     assert (taker.local / "checkpoints" / "latest").read_text() == "step-2"
     assert (taker.local / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == b"w2"
+
+
+def test_a_workspace_that_lost_its_lease_leaves_no_snapshot_behind(store: ArtifactStore, tmp_path: Path) -> None:
+    from app.services.job_runs import LeaseLost
+    from workers.workspace import Workspace
+
+    checks = {"n": 0}
+
+    def lost_while_copying() -> None:  # leased before the copy, lost by the time it is done
+        checks["n"] += 1
+        if checks["n"] > 1:
+            raise LeaseLost("lease 2 lost")
+
+    local = tmp_path / "run"
+    workspace = Workspace(store, key="t/jobs/j/teacher", local=local, epoch=2, every_s=0,
+                          still_leased=lost_while_copying)  # fmt: skip
+    workspace.restore()
+    (local / "step-1").mkdir()
+    (local / "step-1" / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(LeaseLost):
+        workspace.sync()
+    assert store.list_names(store.uri("t/jobs/j/teacher")) == []
+
+    checks["n"] = 1  # lost before the copy: nothing is copied at all
+    with pytest.raises(LeaseLost):
+        workspace.sync()
+    assert store.list_names(store.uri("t/jobs/j/teacher")) == []
