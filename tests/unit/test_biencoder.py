@@ -119,7 +119,9 @@ def test_calibrated_heads_keep_their_order_and_fit_the_labels(tmp_path: Path, ki
     with torch.inference_mode():
         after = student(**batch)[..., 1] - student(**batch)[..., 0]
     for h in range(2):
-        assert torch.equal(torch.argsort(after[:, h]), torch.argsort(before[:, h]))
+        # In the order `before` ranks the pairs, `after` never goes down (repeated pairs tie, to rounding).
+        ranked = after[torch.argsort(before[:, h]), h]
+        assert (torch.diff(ranked) >= -1e-4 * ranked.abs().max()).all()
     # Separable labels: calibrated probabilities sit on the right side of 0.5.
     assert ((torch.sigmoid(after[:, 0]) > 0.5).long() == labels).all()
 
