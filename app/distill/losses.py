@@ -65,6 +65,11 @@ def multi_head_loss(
     return torch.stack(losses).sum()
 
 
+def embedding_loss(student: Tensor, reference: Tensor) -> Tensor:
+    """Mean over rows of the squared distance of unit vectors [B, D] (2 - 2 cosine); the reference gets no gradient."""
+    return (student.float() - reference.detach().float()).pow(2).sum(dim=-1).mean()
+
+
 def relevance(logits: Tensor) -> Tensor:
     """The relevance logit l1 - l0 of 2-class logits [..., 2]: log-odds of 'relevant'."""
     return logits[..., 1] - logits[..., 0]

@@ -22,14 +22,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig
 
-from app.distill.biencoder import COSINE_SCALE, BiEncoder
+from app.distill.biencoder import COSINE_SCALE, BiEncoder, embed_texts, load_bi_encoder
 from app.distill.calibration import calibrated, platt_scaling
 from app.distill.data import Pair, encode_pairs, file_sha256, group_by_question, iter_batches, read_pairs
 from app.distill.devices import Device, resolve_device
 from app.distill.export import StudentEnsemble, save_ensemble
 from app.distill.hooks import Hooks, Progress
-from app.distill.losses import multi_head_listwise_loss, multi_head_loss, relevance
+from app.distill.losses import embedding_loss, multi_head_listwise_loss, multi_head_loss, relevance
 from app.distill.manifest import json_safe
 from app.distill.metrics import ranking_metrics
 from app.distill.pretrained import resolve_model
@@ -45,6 +46,8 @@ FLOOR_MAX_LENGTH = 128  # WikiQA and TrecQA passages are at most ~60 tokens
 CALIBRATION_PAIRS = 2000  # training pairs (whole questions) a listwise student's heads are calibrated on
 TIMING_REPEATS = 5
 EVAL_BATCH = 64
+# What a student batch carries besides the model's inputs.
+TARGET_KEYS = ("labels", "teacher_logits", "group", "question_embedding", "passage_embedding")
 
 
 @dataclass
@@ -128,8 +131,10 @@ def run_pipeline(
 
     source_dir = _student_source(spec, teacher_dirs, cache_dir)
     tokenizer_dir = source_dir or teacher_dirs[spec.teachers[0].name]
+    reference = _reference_embeddings(spec, data, teacher_dirs, source_dir, cache_dir, device, hooks)
     students = {
-        v: _train_variant(spec, v, data, soft, source_dir, tokenizer_dir, out_dir, device, hooks) for v in spec.variants
+        v: _train_variant(spec, v, data, soft, reference, source_dir, tokenizer_dir, out_dir, device, hooks)
+        for v in spec.variants
     }
     tokenizer = next(iter(students.values()))[1]
     members = {v: m for v, (m, _) in students.items()}
@@ -152,16 +157,25 @@ def member_stage(stage: str, variant: str, member: int, ensemble_size: int) -> s
     return f"{stage}:{variant}" if ensemble_size == 1 else f"{stage}:{variant}/member-{member}"
 
 
-def distillation_loss(model: nn.Module, batch: dict[str, Tensor], *, temperature: float, alpha: float) -> Tensor:
+def distillation_loss(
+    model: nn.Module, batch: dict[str, Tensor], *, temperature: float, alpha: float, embedding_weight: float = 0.0
+) -> Tensor:
     """Multi-head KD loss of a student batch: soft labels per head, plus hard labels if the batch has them."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "teacher_logits")}
-    return multi_head_loss(
-        model(**inputs).float(),
-        batch["teacher_logits"],
-        batch.get("labels"),
-        temperature=temperature,
-        alpha=alpha,
-    )
+    logits, embedding_term = _student_outputs(model, batch, embedding_weight)
+    loss = multi_head_loss(logits, batch["teacher_logits"], batch.get("labels"), temperature=temperature, alpha=alpha)
+    return loss + embedding_term
+
+
+def _student_outputs(model: nn.Module, batch: dict[str, Tensor], embedding_weight: float) -> tuple[Tensor, Tensor]:
+    """The student's logits on the batch, and embedding_weight * its embeddings' distance to the reference's."""
+    inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+    if not embedding_weight:
+        logits = model(**inputs).float()
+        return logits, logits.new_zeros(())
+    question, passage = model.encode(**inputs)
+    distance = embedding_loss(question, batch["question_embedding"])
+    distance = distance + embedding_loss(passage, batch["passage_embedding"])
+    return model.score(question, passage).float(), embedding_weight * distance
 
 
 def _read_data(spec: PipelineSpec, eval_names: Sequence[str] | None) -> _Data:
@@ -333,11 +347,50 @@ def _student_source(spec: PipelineSpec, teacher_dirs: dict[str, Path], cache_dir
     return resolve_model(init_from, cache_dir=cache_dir)
 
 
+def _reference_embeddings(
+    spec: PipelineSpec,
+    data: _Data,
+    teacher_dirs: dict[str, Path],
+    source_dir: Path | None,
+    cache_dir: Path | None,
+    device: Device,
+    hooks: Hooks,
+) -> dict[str, dict[str, Tensor]]:
+    """Per stage with an embedding_weight: distill.embedding_from's unit embeddings of each pair's question and
+    passage ([N, D] each, as `question_embedding` and `passage_embedding`)."""
+    stage_pairs = {"stage1": data.unlabeled, "stage2": data.train}
+    wanted = {name: pairs for name, pairs in stage_pairs.items() if spec.embedding_weight(name) and pairs}
+    if not wanted:
+        return {}
+    name = spec.distill.embedding_from
+    folder = source_dir if name is None else teacher_dirs.get(name) or resolve_model(name, cache_dir=cache_dir)
+    model, tokenizer = load_bi_encoder(folder, device)
+    width = model.encoder.config.hidden_size
+    student_width = AutoConfig.from_pretrained(source_dir).hidden_size
+    if width != student_width:
+        raise ValueError(
+            f"distill.embedding_from: {name or spec.student.init_from} gives {width}-wide embeddings, "
+            f"the student {student_width}-wide"
+        )
+    texts = sorted({text for pairs in wanted.values() for p in pairs for text in (p.question, p.passage)})
+    hooks.event("soft_labels", f"embedding {len(texts)} texts with {folder.name} for the students to match")
+    vectors = embed_texts(model, tokenizer, texts, max_length=FLOOR_MAX_LENGTH, device=device, hooks=hooks)
+    row = {text: i for i, text in enumerate(texts)}
+    return {
+        stage: {
+            "question_embedding": vectors[[row[p.question] for p in pairs]],
+            "passage_embedding": vectors[[row[p.passage] for p in pairs]],
+        }
+        for stage, pairs in wanted.items()
+    }
+
+
 def _train_variant(
     spec: PipelineSpec,
     variant: str,
     data: _Data,
     soft: dict[str, dict[str, Tensor]],
+    reference: dict[str, dict[str, Tensor]],
     source_dir: Path | None,
     tokenizer_dir: Path,
     out_dir: Path,
@@ -351,20 +404,15 @@ def _train_variant(
     """
     heads = [t.name for t in spec.teachers_for(variant)]
     listwise = spec.distill.loss == "listwise"
-    loss_fn = functools.partial(
-        listwise_distillation_loss if listwise else distillation_loss,
-        temperature=spec.distill.temperature,
-        alpha=spec.distill.alpha,
-    )
     stages: list[tuple[str, StageSpec, list[Pair], dict[str, Tensor]]] = []
     if variant in VARIANTS_WITH_STAGE1:
         stage1_targets = {"teacher_logits": torch.stack([soft[h]["unlabeled"] for h in heads], dim=1)}
-        stages.append(("stage1", spec.stage1, data.unlabeled, stage1_targets))
+        stages.append(("stage1", spec.stage1, data.unlabeled, stage1_targets | reference.get("stage1", {})))
     stage2_targets = {
         "teacher_logits": torch.stack([soft[h]["train"] for h in heads], dim=1),
         "labels": torch.tensor([p.label for p in data.train], dtype=torch.long),
     }
-    stages.append(("stage2", spec.stage2, data.train, stage2_targets))
+    stages.append(("stage2", spec.stage2, data.train, stage2_targets | reference.get("stage2", {})))
 
     members, tokenizer, encoded = [], None, {}
     for i in range(spec.ensemble_size):
@@ -379,6 +427,12 @@ def _train_variant(
             if groups is not None:
                 targets = targets | {"group": _question_index(groups, len(pairs))}
             stage = member_stage(name, variant, i, spec.ensemble_size)
+            loss_fn = functools.partial(
+                listwise_distillation_loss if listwise else distillation_loss,
+                temperature=spec.distill.temperature,
+                alpha=spec.distill.alpha,
+                embedding_weight=spec.embedding_weight(name),
+            )
             start = {k: v.detach().clone() for k, v in student.state_dict().items()} if stage_spec.keep_start else None
             train(
                 student,
@@ -410,18 +464,14 @@ def _train_variant(
 
 
 def listwise_distillation_loss(
-    model: nn.Module, batch: dict[str, Tensor], *, temperature: float, alpha: float
+    model: nn.Module, batch: dict[str, Tensor], *, temperature: float, alpha: float, embedding_weight: float = 0.0
 ) -> Tensor:
     """Multi-head listwise KD loss of a batch of whole questions (`group`), hard labels if it has them."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "teacher_logits", "group")}
-    return multi_head_listwise_loss(
-        model(**inputs).float(),
-        batch["teacher_logits"],
-        batch.get("labels"),
-        batch["group"],
-        temperature=temperature,
-        alpha=alpha,
+    logits, embedding_term = _student_outputs(model, batch, embedding_weight)
+    loss = multi_head_listwise_loss(
+        logits, batch["teacher_logits"], batch.get("labels"), batch["group"], temperature=temperature, alpha=alpha
     )
+    return loss + embedding_term
 
 
 def _question_index(groups: list[list[int]], count: int) -> Tensor:

@@ -15,6 +15,9 @@ Variant = Literal["kd", "mkd", "tkd", "tmkd"]
 VARIANTS_WITH_STAGE1: frozenset[str] = frozenset({"tkd", "tmkd"})
 SINGLE_TEACHER_VARIANTS: frozenset[str] = frozenset({"kd", "tkd"})
 
+# Measured on WikiQA/TrecQA (benchmarks/results/quality.md): 5 and 10 alike, both above 0 and 1.
+DEFAULT_EMBEDDING_WEIGHT = 5.0
+
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 
 
@@ -98,6 +101,11 @@ class DistillSpec(_Strict):
         "2-class softmax, the paper's form.",
     )
     combine: Literal["mean"] = Field("mean", description="How heads' and members' scores combine.")
+    embedding_from: str | None = Field(
+        None,
+        description="The bi-encoder whose embeddings a stage's embedding_weight term matches: a teacher's "
+        "name or a base checkpoint of the student's width; null: student.init_from.",
+    )
 
 
 class StageSpec(_Strict):
@@ -115,6 +123,15 @@ class StageSpec(_Strict):
         lt=1,
         description="After the stage, each weight becomes keep_start * its value at the stage's start + "
         "(1 - keep_start) * its value at the end (WiSE-FT): keeps more of what the student knew before.",
+    )
+    embedding_weight: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Bi-encoder students: weight of a term that pulls the student's question and passage "
+        "embeddings towards those of distill.embedding_from (squared distance of the unit vectors) on every "
+        "pair of the stage, so that the student keeps what the layers it left out computed, on any text; "
+        f"null: {DEFAULT_EMBEDDING_WEIGHT:g} for a bi-encoder student, 0 for the others.",
     )
 
 
@@ -178,6 +195,9 @@ class PipelineSpec(_Strict):
                 )
         if self.student.kind == "bi-encoder" and self.student.init_from is None:
             raise ValueError("student.init_from: a bi-encoder student starts from a sentence-embedding model")
+        for stage in ("stage1", "stage2"):
+            if getattr(self, stage).embedding_weight and self.student.kind != "bi-encoder":
+                raise ValueError(f"{stage}.embedding_weight: only a bi-encoder student has embeddings to match")
         if self.student.init_from is None and self.student.hidden_size % self.student.num_attention_heads:
             raise ValueError("student.hidden_size: must be a multiple of student.num_attention_heads")
         return self
@@ -186,6 +206,13 @@ class PipelineSpec(_Strict):
     def primary_variant(self) -> str:
         """The variant registered and served: tmkd when it is run, else the last one listed."""
         return "tmkd" if "tmkd" in self.variants else self.variants[-1]
+
+    def embedding_weight(self, stage: Literal["stage1", "stage2"]) -> float:
+        """The stage's embedding_weight, its default resolved for the student's kind."""
+        weight = getattr(self, stage).embedding_weight
+        if weight is None:
+            return DEFAULT_EMBEDDING_WEIGHT if self.student.kind == "bi-encoder" else 0.0
+        return weight
 
     def teachers_for(self, variant: str) -> list[TeacherSpec]:
         """The teachers a variant learns from: the first for kd/tkd, all for mkd/tmkd."""

@@ -158,7 +158,11 @@ class BiEncoderStudent(nn.Module):
         """Logits of every head: [B, H, 2], relevance in [..., 1]."""
         if token_type_ids is None:
             raise ValueError("a bi-encoder student needs token_type_ids to tell the question from the passage")
-        relevance = self.heads(*self.encode(input_ids, attention_mask, token_type_ids))
+        return self.score(*self.encode(input_ids, attention_mask, token_type_ids))
+
+    def score(self, question: Tensor, passage: Tensor) -> Tensor:
+        """Logits of every head [B, H, 2] of unit vectors [B, D] (`encode`'s), relevance in [..., 1]."""
+        relevance = self.heads(question, passage)
         return torch.stack([torch.zeros_like(relevance), relevance], dim=-1)
 
     def _layers(self, hidden: Tensor, allowed: Tensor) -> Tensor:

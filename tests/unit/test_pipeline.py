@@ -7,15 +7,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 from typer.testing import CliRunner
 
 from app.cli import cli
 from app.distill import Cancelled, Hooks, Progress, load_ensemble, run_pipeline
+from app.distill.biencoder import load_bi_encoder
 from app.distill.data import read_pairs
 from app.distill.devices import resolve_device
+from app.distill.export import load_member
 from app.distill.soft_labels import teacher_soft_labels
+from app.distill.spec import DEFAULT_EMBEDDING_WEIGHT
 from tests.unit.helpers import Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
@@ -216,3 +220,57 @@ def test_keep_start_averages_a_stage_with_the_weights_it_started_from(tmp_path: 
     mixed = load_file(kept.model_dir / "member-0" / "model.safetensors")[name]
     assert not torch.allclose(trained, start)
     torch.testing.assert_close(mixed, 0.25 * start + 0.75 * trained)
+
+
+def _distance_to_base(member: Path, base: Path, texts: list[str]) -> float:
+    """Mean squared distance between a bi-encoder student's unit text embeddings and its base's."""
+    student = load_member(member).eval()
+    reference, tokenizer = load_bi_encoder(base, resolve_device("cpu"))
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.inference_mode():
+        mine = student.embed(encoded["input_ids"], encoded["attention_mask"])
+        theirs = reference.embed(encoded["input_ids"], encoded["attention_mask"])
+    return float((mine - theirs).pow(2).sum(-1).mean())
+
+
+def test_embedding_weight_pulls_the_students_embeddings_towards_the_reference(
+    tmp_path: Path, sample_data: Path
+) -> None:
+    base = make_tiny_base(tmp_path)
+    student = {"init_from": str(base), "layers": [1]}  # one of two layers: its embeddings differ from the base's
+    stage2 = {"max_steps": 12}
+    plain = run_pipeline(
+        tiny_spec(tmp_path, sample_data, variants=["kd"], student=student, stage2=stage2 | {"embedding_weight": 0}),
+        out_dir=tmp_path / "a",
+    )
+    recorder = Recorder()
+    matched = run_pipeline(
+        tiny_spec(tmp_path, sample_data, variants=["kd"], student=student, stage2=stage2 | {"embedding_weight": 20}),
+        out_dir=tmp_path / "b",
+        hooks=recorder.hooks(),
+    )
+    assert recorder.messages("for the students to match")
+    pairs = read_pairs(Path(tiny_data(tmp_path, sample_data)["train"])).pairs
+    texts = sorted({text for p in pairs for text in (p.question, p.passage)})
+    before = _distance_to_base(plain.model_dir / "member-0", base, texts)
+    after = _distance_to_base(matched.model_dir / "member-0", base, texts)
+    assert after < 0.75 * before
+
+
+def test_embedding_weight_needs_a_bi_encoder_student_of_the_references_width(
+    tmp_path: Path, sample_data: Path
+) -> None:
+    assert tiny_spec(tmp_path, sample_data).embedding_weight("stage1") == DEFAULT_EMBEDDING_WEIGHT
+    assert tiny_spec(tmp_path, sample_data, student={"kind": "transformer"}).embedding_weight("stage2") == 0
+    with pytest.raises(ValidationError, match="stage1.embedding_weight"):
+        tiny_spec(tmp_path, sample_data, student={"kind": "transformer"}, stage1={"embedding_weight": 1})
+    wide = make_tiny_base(tmp_path, name="wide")
+    config = json.loads((wide / "config.json").read_text())
+    config["hidden_size"], config["intermediate_size"] = 64, 128
+    wide = tmp_path / "wider"
+    BertModel(BertConfig(**config)).save_pretrained(wide)
+    for file in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (wide / file).write_bytes((make_tiny_base(tmp_path) / file).read_bytes())
+    spec = tiny_spec(tmp_path, sample_data, stage2={"embedding_weight": 1}, distill={"embedding_from": str(wide)})
+    with pytest.raises(ValueError, match="distill.embedding_from: .* 64-wide embeddings, the student 32-wide"):
+        run_pipeline(spec, out_dir=tmp_path / "run")
