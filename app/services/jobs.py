@@ -48,8 +48,12 @@ def check_model_sources(spec: PipelineSpec, *, model_dirs: Sequence[Path]) -> No
     teacher_names = {t.name for t in spec.teachers}
     sources = [(f"teachers.{i}.path", t.path) for i, t in enumerate(spec.teachers)]
     sources += [(f"teachers.{i}.base", t.base) for i, t in enumerate(spec.teachers) if t.path is None]
-    if spec.student.init_from not in teacher_names:
-        sources.append(("student.init_from", spec.student.init_from))
+    for param, source in (
+        ("student.init_from", spec.student.init_from),
+        ("distill.embedding_from", spec.distill.embedding_from),
+    ):
+        if source not in teacher_names:
+            sources.append((param, source))
     roots = [root.resolve() for root in model_dirs]
     for param, source in sources:
         if source is None or is_known_model(source):
@@ -73,7 +77,7 @@ def check_runnable(spec: PipelineSpec, *, model_dirs: Sequence[Path], cache_dir:
     check_model_sources(spec, model_dirs=model_dirs)
     folders = [(f"teachers.{i}.path", t.path) for i, t in enumerate(spec.teachers)]
     folders += [(f"teachers.{i}.base", t.base) for i, t in enumerate(spec.teachers) if t.path is None]
-    folders.append(("student.init_from", spec.student.init_from))
+    folders += [("student.init_from", spec.student.init_from), ("distill.embedding_from", spec.distill.embedding_from)]
     teacher_names = {t.name for t in spec.teachers}
     for param, source in folders:
         if source is None or is_known_model(source) or source in teacher_names:

@@ -117,6 +117,8 @@ BAD_FIELDS = [
     ("teachers.0.path", "/etc", "teachers.0.path"),
     ("teachers.0.base", "/usr/lib", "teachers.0.base"),
     ("student.init_from", "/root", "student.init_from"),
+    ("distill.embedding_from", "/root", "distill.embedding_from"),
+    ("stage1.embedding_weight", -1, "stage1.embedding_weight"),
 ]
 
 
@@ -284,6 +286,8 @@ def test_what_would_fail_late_is_422_at_submit(client, alice, datasets, settings
     assert (gone.status_code, gone.json()["error"]["param"]) == (422, "teachers.0.path"), gone.text
     student = submit(client, alice, make_spec(student={"init_from": missing}))
     assert (student.status_code, student.json()["error"]["param"]) == (422, "student.init_from")
+    reference = submit(client, alice, make_spec(distill={"embedding_from": missing}))
+    assert (reference.status_code, reference.json()["error"]["param"]) == (422, "distill.embedding_from")
 
     # Once a GPU worker reports in, cuda and auto jobs go to its queue, waiting for nothing.
     with session_scope(settings.database_url) as session:
