@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from app.distill.biencoder import COSINE_SCALE, BiEncoder, embed_texts, load_bi_encoder
+from app.distill.biencoder import COSINE_SCALE, BiEncoder
 from app.distill.calibration import calibrated, platt_scaling
 from app.distill.data import Pair, encode_pairs, file_sha256, group_by_question, iter_batches, read_pairs
 from app.distill.devices import Device, resolve_device
@@ -34,7 +34,7 @@ from app.distill.losses import embedding_loss, multi_head_listwise_loss, multi_h
 from app.distill.manifest import json_safe
 from app.distill.metrics import ranking_metrics
 from app.distill.pretrained import resolve_model
-from app.distill.soft_labels import count_batches, teacher_soft_labels
+from app.distill.soft_labels import count_batches, reference_embeddings, teacher_soft_labels
 from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec
 from app.distill.students import build_student, calibrate_heads, count_parameters
 from app.distill.teachers import load_teacher, prepare_teacher
@@ -131,7 +131,7 @@ def run_pipeline(
 
     source_dir = _student_source(spec, teacher_dirs, cache_dir)
     tokenizer_dir = source_dir or teacher_dirs[spec.teachers[0].name]
-    reference = _reference_embeddings(spec, data, teacher_dirs, source_dir, cache_dir, device, hooks)
+    reference = _reference_embeddings(spec, data, teacher_dirs, source_dir, soft_cache, device, hooks)
     students = {
         v: _train_variant(spec, v, data, soft, reference, source_dir, tokenizer_dir, out_dir, device, hooks)
         for v in spec.variants
@@ -352,37 +352,30 @@ def _reference_embeddings(
     data: _Data,
     teacher_dirs: dict[str, Path],
     source_dir: Path | None,
-    cache_dir: Path | None,
+    cache_dir: Path,
     device: Device,
     hooks: Hooks,
 ) -> dict[str, dict[str, Tensor]]:
     """Per stage with an embedding_weight: distill.embedding_from's unit embeddings of each pair's question and
-    passage ([N, D] each, as `question_embedding` and `passage_embedding`)."""
-    stage_pairs = {"stage1": data.unlabeled, "stage2": data.train}
-    wanted = {name: pairs for name, pairs in stage_pairs.items() if spec.embedding_weight(name) and pairs}
+    passage ([N, D] each, as `question_embedding` and `passage_embedding`), cached like the soft labels."""
+    stage_sets = {"stage1": "unlabeled", "stage2": "train"}
+    wanted = {stage: key for stage, key in stage_sets.items() if spec.embedding_weight(stage) and getattr(data, key)}
     if not wanted:
         return {}
     name = spec.distill.embedding_from
     folder = source_dir if name is None else teacher_dirs.get(name) or resolve_model(name, cache_dir=cache_dir)
-    model, tokenizer = load_bi_encoder(folder, device)
-    width = model.encoder.config.hidden_size
+    width = AutoConfig.from_pretrained(folder).hidden_size
     student_width = AutoConfig.from_pretrained(source_dir).hidden_size
     if width != student_width:
         raise ValueError(
             f"distill.embedding_from: {name or spec.student.init_from} gives {width}-wide embeddings, "
             f"the student {student_width}-wide"
         )
-    texts = sorted({text for pairs in wanted.values() for p in pairs for text in (p.question, p.passage)})
-    hooks.event("soft_labels", f"embedding {len(texts)} texts with {folder.name} for the students to match")
-    vectors = embed_texts(model, tokenizer, texts, max_length=FLOOR_MAX_LENGTH, device=device, hooks=hooks)
-    row = {text: i for i, text in enumerate(texts)}
-    return {
-        stage: {
-            "question_embedding": vectors[[row[p.question] for p in pairs]],
-            "passage_embedding": vectors[[row[p.passage] for p in pairs]],
-        }
-        for stage, pairs in wanted.items()
-    }
+    datasets = {key: (getattr(data, key), data.sha256[key]) for key in wanted.values()}
+    found = reference_embeddings(
+        folder, datasets, max_length=FLOOR_MAX_LENGTH, cache_dir=cache_dir, device=device, hooks=hooks
+    )
+    return {stage: found[key] for stage, key in wanted.items()}
 
 
 def _train_variant(

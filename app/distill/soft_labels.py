@@ -1,9 +1,11 @@
-"""Soft labels: each teacher's logits on every pair, computed once and cached.
+"""What the teachers say of every pair, computed once and cached: soft labels and reference embeddings.
 
 Cache layout: cache_dir/soft-labels/<teacher fingerprint>/<data sha256>-len<max_length>[-bi].safetensors,
-holding `logits` [N, 2] float32 (-bi: the folder scored as a bi-encoder, [0, scale * cosine]). The
-fingerprint hashes the teacher's weights and the data hash the file's bytes, so stages, variants and later
-runs on the same teacher and data reuse one file.
+holding `logits` [N, 2] float32 (-bi: the folder scored as a bi-encoder, [0, scale * cosine]); and
+cache_dir/embeddings/<fingerprint>/<data sha256>-len<max_length>.safetensors, holding a bi-encoder's unit
+`vectors` [T, D] of the data's distinct texts and each pair's rows in it (`question_index`, `passage_index`,
+[N]). The fingerprint hashes the teacher's weights and the data hash the file's bytes, so stages, variants,
+resumed and later runs on the same teacher and data reuse one file.
 """
 
 import logging
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from app.distill.biencoder import predict_bi_encoder_logits
+from app.distill.biencoder import embed_texts, load_bi_encoder, predict_bi_encoder_logits
 from app.distill.data import EncodedPairs, Pair, encode_pairs, iter_batches
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks
@@ -70,9 +72,48 @@ def teacher_soft_labels(
         else:
             encodings = encode_pairs(pairs, tokenizer, max_length)
             logits = predict_logits(model, encodings, device=device, hooks=hooks, on_batch=on_batch)
-        _write_atomically(path, logits, teacher=fingerprint, data=data_sha, max_length=max_length)
+        _write_atomically(path, {"logits": logits}, teacher=fingerprint, data=data_sha, max_length=max_length)
         hooks.event(stage, f"{teacher_dir.name} on {name}: computed {len(pairs)} soft labels into {path}")
         found[name] = logits
+    return found
+
+
+def reference_embeddings(
+    folder: Path,
+    datasets: dict[str, tuple[Sequence[Pair], str]],
+    *,
+    max_length: int,
+    cache_dir: Path,
+    device: Device,
+    hooks: Hooks,
+) -> dict[str, dict[str, Tensor]]:
+    """A bi-encoder's unit embeddings of each pair's question and passage ([N, D] each, as `question_embedding`
+    and `passage_embedding`) on each named data set (pairs, data sha256), from the cache or computed."""
+    fingerprint = teacher_fingerprint(folder)
+    found: dict[str, dict[str, Tensor]] = {}
+    model = tokenizer = None
+    for name, (pairs, data_sha) in datasets.items():
+        path = cache_dir / "embeddings" / fingerprint / f"{data_sha}-len{max_length}.safetensors"
+        cached = _read_cached_embeddings(path, len(pairs))
+        if cached is not None:
+            hooks.event("soft_labels", f"{folder.name} on {name}: reused cached embeddings {path}")
+        else:
+            texts = sorted({text for p in pairs for text in (p.question, p.passage)})
+            if model is None:
+                model, tokenizer = load_bi_encoder(folder, device)
+            hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name} for the students")
+            row = {text: i for i, text in enumerate(texts)}
+            cached = {
+                "vectors": embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks),
+                "question_index": torch.tensor([row[p.question] for p in pairs]),
+                "passage_index": torch.tensor([row[p.passage] for p in pairs]),
+            }
+            _write_atomically(path, cached, teacher=fingerprint, data=data_sha, max_length=max_length)
+        vectors = cached["vectors"]
+        found[name] = {
+            "question_embedding": vectors[cached["question_index"]],
+            "passage_embedding": vectors[cached["passage_index"]],
+        }
     return found
 
 
@@ -120,9 +161,19 @@ def _read_cached(path: Path, num_pairs: int) -> Tensor | None:
     return logits
 
 
-def _write_atomically(path: Path, logits: Tensor, *, teacher: str, data: str, max_length: int) -> None:
+def _read_cached_embeddings(path: Path, num_pairs: int) -> dict[str, Tensor] | None:
+    if not path.is_file():
+        return None
+    tensors = load_file(path)
+    if tensors["question_index"].shape != (num_pairs,) or tensors["passage_index"].shape != (num_pairs,):
+        log.warning("ignoring %s: it indexes %d pairs, expected %d", path, len(tensors["question_index"]), num_pairs)
+        return None
+    return tensors
+
+
+def _write_atomically(path: Path, tensors: dict[str, Tensor], *, teacher: str, data: str, max_length: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     metadata = {"teacher": teacher, "data": data, "max_length": str(max_length)}
-    save_file({"logits": logits.contiguous()}, str(tmp), metadata=metadata)
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)

@@ -69,13 +69,18 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
     cache = tmp_path / "cache"
     first = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache)
     cached = {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")}
-    assert len(cached) == 7  # 2 teachers x train, eval, unlabeled; the base's zero-shot floor on eval
+    # 2 teachers x train, eval, unlabeled; the base's zero-shot floor on eval
+    assert len(list((cache / "soft-labels").rglob("*.safetensors"))) == 7
+    # the embeddings the student matches in stage 1 (unlabeled) and stage 2 (train)
+    assert len(list((cache / "embeddings").rglob("*.safetensors"))) == 2
 
     recorder = Recorder()
     again = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache, hooks=recorder.hooks())
 
     assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
     assert len(recorder.messages("reused cached soft labels")) == 7
+    assert len(recorder.messages("reused cached embeddings")) == 2
+    assert not recorder.messages("for the students")
     assert len(recorder.messages("already trained")) == 4  # 2 teachers, stage 1, stage 2
     assert [r["map"] for r in again.metrics["rows"]] == [r["map"] for r in first.metrics["rows"]]
 
@@ -90,6 +95,7 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
     )
     assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
     assert len(recorder.messages("reused cached soft labels")) == 3  # eval, train; the floor on eval
+    assert len(recorder.messages("reused cached embeddings")) == 1  # train, for stage 2
 
 
 def test_an_interrupted_pipeline_resumes_to_the_same_students(tmp_path: Path, sample_data: Path) -> None:
@@ -249,7 +255,7 @@ def test_embedding_weight_pulls_the_students_embeddings_towards_the_reference(
         out_dir=tmp_path / "b",
         hooks=recorder.hooks(),
     )
-    assert recorder.messages("for the students to match")
+    assert recorder.messages("for the students")
     pairs = read_pairs(Path(tiny_data(tmp_path, sample_data)["train"])).pairs
     texts = sorted({text for p in pairs for text in (p.question, p.passage)})
     before = _distance_to_base(plain.model_dir / "member-0", base, texts)
