@@ -19,6 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from app.distill.data import EncodedPairs, Pair, iter_batches
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks
+from app.distill.losses import embedding_loss
 
 # cosine * COSINE_SCALE is the relevance logit: cosines live in [-1, 1], and a softmax over a question's
 # candidates needs a wider range to be confident (the scale sentence-transformers' ranking loss uses).
@@ -54,11 +55,13 @@ class BiEncoder(nn.Module):
         return torch.stack([torch.zeros_like(cosine), self.scale * cosine], dim=-1)
 
 
-def in_batch_ranking_loss(model: BiEncoder, batch: dict[str, Tensor]) -> Tensor:
+def in_batch_ranking_loss(model: BiEncoder, batch: dict[str, Tensor], embedding_weight: float = 0.0) -> Tensor:
     """-log P(a relevant passage) for each question, softmax over every passage of the batch.
 
     The question's own candidates are hard negatives, the other questions' passages easy ones (in-batch
-    negatives); a batch holds whole questions (`group` ids) with their hard labels.
+    negatives); a batch holds whole questions (`group` ids) with their hard labels. With embedding_weight,
+    plus that weight times the squared distance of the batch's question and passage embeddings to the
+    batch's `question_embedding` and `passage_embedding` (the base checkpoint's, for a teacher).
     """
     groups, labels = batch["group"], batch["labels"]
     owners, first = torch.unique(groups, return_inverse=True)
@@ -71,10 +74,14 @@ def in_batch_ranking_loss(model: BiEncoder, batch: dict[str, Tensor]) -> Tensor:
     scores = model.scale * questions @ passages.T  # [questions, passages]
     relevant = (first[None, :] == torch.arange(len(owners), device=groups.device)[:, None]) & (labels[None, :] == 1)
     useful = relevant.any(dim=1)
+    anchor = scores.new_zeros((), dtype=torch.float32)
+    if embedding_weight:
+        distance = embedding_loss(questions, batch["question_embedding"][index])
+        anchor = embedding_weight * (distance + embedding_loss(passages, batch["passage_embedding"]))
     if not useful.any():
-        return scores.sum() * 0.0
+        return scores.sum() * 0.0 + anchor
     log_p = torch.log_softmax(scores.float(), dim=1)
-    return -torch.logsumexp(log_p.masked_fill(~relevant, float("-inf")), dim=1)[useful].mean()
+    return -torch.logsumexp(log_p.masked_fill(~relevant, float("-inf")), dim=1)[useful].mean() + anchor
 
 
 def load_bi_encoder(folder: Path, device: Device) -> tuple[BiEncoder, PreTrainedTokenizerBase]:
@@ -96,8 +103,9 @@ def predict_bi_encoder_logits(
 ) -> Tensor:
     """Logits [N, 2] = [0, scale * cosine] of every pair; each distinct text is encoded once."""
     texts = sorted({p.question for p in pairs} | {p.passage for p in pairs})
-    embeddings = embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks,
-                             on_batch=on_batch)
+    embeddings = embed_texts(
+        model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
+    )
     row = {text: i for i, text in enumerate(texts)}
     questions = embeddings[[row[p.question] for p in pairs]]
     passages = embeddings[[row[p.passage] for p in pairs]]
@@ -130,4 +138,3 @@ def embed_texts(
             if on_batch is not None:
                 on_batch()
     return out
-

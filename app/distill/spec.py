@@ -60,6 +60,14 @@ class TeacherSpec(_Strict):
         "some of what it learnt in domain (MiniLM teachers on WikiQA at 0.3: 0.8 to 1.0 MAP points lost in "
         "domain, 1.9 to 3.9 gained on TrecQA). Encoder weights only: a cross-encoder's classifier stays.",
     )
+    embedding_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Bi-encoder teachers: adds this weight times the squared distance between the teacher's unit "
+        "embeddings of every training question and passage and its base checkpoint's, so that fine-tuning "
+        "moves the embeddings only as far as the ranking needs (keeps what the base knew out of domain).",
+    )
 
 
 class StudentSpec(_Strict):
@@ -193,6 +201,8 @@ class PipelineSpec(_Strict):
                     f"teachers.{i}.epochs: a cross-encoder teacher starts from a fresh classifier and needs "
                     "training (epochs > 0); use kind 'bi-encoder' for a zero-shot teacher"
                 )
+            if teacher.embedding_weight and teacher.kind != "bi-encoder":
+                raise ValueError(f"teachers.{i}.embedding_weight: only a bi-encoder teacher has embeddings to keep")
         if self.student.kind == "bi-encoder" and self.student.init_from is None:
             raise ValueError("student.init_from: a bi-encoder student starts from a sentence-embedding model")
         for stage in ("stage1", "stage2"):

@@ -1,23 +1,33 @@
-"""Teachers: weight-space averaging with the base checkpoint after fine-tuning (keep_base)."""
+"""Teachers: weight-space averaging with the base checkpoint after fine-tuning (keep_base), and keeping the
+base's embeddings while fine-tuning (embedding_weight)."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from app.distill.biencoder import load_bi_encoder
 from app.distill.data import read_pairs
 from app.distill.devices import resolve_device
 from app.distill.hooks import Hooks
 from app.distill.spec import TeacherSpec
 from app.distill.teachers import prepare_teacher
-from tests.unit.helpers import MAX_LENGTH, Recorder, make_tiny_base, tiny_data
+from tests.unit.helpers import MAX_LENGTH, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
-def _train(tmp_path: Path, sample_data: Path, kind: str, keep_base: float, hooks: Hooks | None = None) -> dict:
+def _train(
+    tmp_path: Path,
+    sample_data: Path,
+    kind: str,
+    keep_base: float = 0.0,
+    hooks: Hooks | None = None,
+    embedding_weight: float = 0.0,
+) -> dict:
     base = make_tiny_base(tmp_path)
     spec = TeacherSpec(
-        name=f"t-{kind}-{keep_base:g}",
+        name=f"t-{kind}-{keep_base:g}-{embedding_weight:g}",
         kind=kind,
         base=str(base),
         batch_size=8,
@@ -25,6 +35,7 @@ def _train(tmp_path: Path, sample_data: Path, kind: str, keep_base: float, hooks
         max_steps=3,
         learning_rate=1e-2,
         keep_base=keep_base,
+        embedding_weight=embedding_weight,
     )
     folder = prepare_teacher(
         spec,
@@ -39,9 +50,7 @@ def _train(tmp_path: Path, sample_data: Path, kind: str, keep_base: float, hooks
 
 
 @pytest.mark.parametrize("kind", ["bi-encoder", "cross-encoder"])
-def test_keep_base_averages_the_fine_tuned_weights_with_the_bases(
-    tmp_path: Path, sample_data: Path, kind: str
-) -> None:
+def test_keep_base_averages_the_fine_tuned_weights_with_the_bases(tmp_path: Path, sample_data: Path, kind: str) -> None:
     base = load_file(make_tiny_base(tmp_path) / "model.safetensors")
     tuned = _train(tmp_path, sample_data, kind, 0.0)
     recorder = Recorder()
@@ -56,8 +65,38 @@ def test_keep_base_averages_the_fine_tuned_weights_with_the_bases(
     assert any("weights averaged: 0.25" in message for _, message in recorder.events)
 
 
-
 def test_keep_base_is_off_by_default_and_below_one() -> None:
     assert TeacherSpec(name="a").keep_base == 0.0
     with pytest.raises(ValueError, match="keep_base"):
         TeacherSpec(name="d", keep_base=1.0)
+
+
+def _base_distance(tmp_path: Path, sample_data: Path, weights: dict) -> float:
+    """Mean squared distance between unit embeddings of the training texts under `weights` and the base's."""
+    base = make_tiny_base(tmp_path)
+    reference, tokenizer = load_bi_encoder(base, resolve_device("cpu"))
+    tuned, _ = load_bi_encoder(base, resolve_device("cpu"))
+    tuned.encoder.load_state_dict(weights)
+    pairs = read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs
+    texts = sorted({text for p in pairs for text in (p.question, p.passage)})
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    with torch.inference_mode():
+        mine = tuned.embed(encoded["input_ids"], encoded["attention_mask"])
+        theirs = reference.embed(encoded["input_ids"], encoded["attention_mask"])
+    return float((mine - theirs).pow(2).sum(-1).mean())
+
+
+def test_embedding_weight_keeps_a_bi_encoder_teacher_near_its_base(tmp_path: Path, sample_data: Path) -> None:
+    free = _train(tmp_path, sample_data, "bi-encoder")
+    recorder = Recorder()
+    anchored = _train(tmp_path, sample_data, "bi-encoder", embedding_weight=50, hooks=recorder.hooks())
+
+    assert any("for the teacher to keep" in message for _, message in recorder.events)
+    assert _base_distance(tmp_path, sample_data, anchored) < 0.5 * _base_distance(tmp_path, sample_data, free)
+
+
+def test_embedding_weight_is_for_bi_encoder_teachers(tmp_path: Path, sample_data: Path) -> None:
+    assert TeacherSpec(name="a").embedding_weight == 0.0
+    teacher = {"name": "t", "kind": "cross-encoder", "embedding_weight": 1}
+    with pytest.raises(ValidationError, match="teachers.0.embedding_weight: only a bi-encoder teacher"):
+        tiny_spec(tmp_path, sample_data, teachers=[teacher])
