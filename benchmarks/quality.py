@@ -58,8 +58,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "student": {"kind": "bi-encoder", "init_from": "minilm-a", "layers": [0, 2, 5], "max_length": 64},
         # Stage 2 for 2 epochs: with embedding_weight (5 by default) holding the student's embeddings to its
         # source's, a second epoch buys in-domain MAP without the out-of-domain loss it used to cost.
-        # alpha 0.3: the fine-tuned teachers' soft labels on their own training pairs say little the labels do not.
-        "distill": {"alpha": 0.3},
         "stage1": {"epochs": 1.0, "learning_rate": 5e-5, "batch_size": 64},
         "stage2": {"epochs": 2.0, "learning_rate": 3e-5, "batch_size": 64},
     },
