@@ -102,13 +102,9 @@ def predict_bi_encoder_logits(
     on_batch: Callable[[], None] | None = None,
 ) -> Tensor:
     """Logits [N, 2] = [0, scale * cosine] of every pair; each distinct text is encoded once."""
-    texts = sorted({p.question for p in pairs} | {p.passage for p in pairs})
-    embeddings = embed_texts(
-        model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
+    questions, passages = embed_pairs(
+        model, tokenizer, pairs, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
     )
-    row = {text: i for i, text in enumerate(texts)}
-    questions = embeddings[[row[p.question] for p in pairs]]
-    passages = embeddings[[row[p.passage] for p in pairs]]
     cosine = (questions * passages).sum(-1)
     return torch.stack([torch.zeros_like(cosine), model.scale * cosine], dim=-1)
 
@@ -138,3 +134,26 @@ def embed_texts(
             if on_batch is not None:
                 on_batch()
     return out
+
+
+def text_index(pairs: Sequence[Pair]) -> tuple[list[str], Tensor, Tensor]:
+    """The pairs' distinct texts (sorted), and each pair's question row and passage row in that list."""
+    texts = sorted({text for p in pairs for text in (p.question, p.passage)})
+    row = {text: i for i, text in enumerate(texts)}
+    return texts, torch.tensor([row[p.question] for p in pairs]), torch.tensor([row[p.passage] for p in pairs])
+
+
+def embed_pairs(
+    model: BiEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    *,
+    max_length: int,
+    device: Device,
+    hooks: Hooks,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Unit embeddings [N, D] of each pair's question and of its passage; each distinct text is encoded once."""
+    texts, questions, passages = text_index(pairs)
+    vectors = embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch)
+    return vectors[questions], vectors[passages]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from app.distill.biencoder import embed_texts, load_bi_encoder, predict_bi_encoder_logits
+from app.distill.biencoder import embed_texts, load_bi_encoder, predict_bi_encoder_logits, text_index
 from app.distill.data import EncodedPairs, Pair, encode_pairs, iter_batches
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks
@@ -98,15 +98,14 @@ def reference_embeddings(
         if cached is not None:
             hooks.event("soft_labels", f"{folder.name} on {name}: reused cached embeddings {path}")
         else:
-            texts = sorted({text for p in pairs for text in (p.question, p.passage)})
+            texts, questions, passages = text_index(pairs)
             if model is None:
                 model, tokenizer = load_bi_encoder(folder, device)
             hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name} for the students")
-            row = {text: i for i, text in enumerate(texts)}
             cached = {
                 "vectors": embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks),
-                "question_index": torch.tensor([row[p.question] for p in pairs]),
-                "passage_index": torch.tensor([row[p.passage] for p in pairs]),
+                "question_index": questions,
+                "passage_index": passages,
             }
             _write_atomically(path, cached, teacher=fingerprint, data=data_sha, max_length=max_length)
         vectors = cached["vectors"]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.distill.biencoder import BiEncoder, embed_texts, in_batch_ranking_loss, load_bi_encoder
+from app.distill.biencoder import BiEncoder, embed_pairs, in_batch_ranking_loss, load_bi_encoder
 from app.distill.data import Pair, encode_pairs, encode_separately, group_by_question
 from app.distill.devices import Device
 from app.distill.hooks import Hooks, Progress
@@ -77,7 +77,16 @@ def prepare_teacher(
         loss_fn = in_batch_ranking_loss
         if spec.embedding_weight:
             # The model holds the base's weights still: its embeddings now are the ones to keep.
-            targets |= _embeddings(model, tokenizer, train_pairs, spec.max_length, device, hooks, stage)
+            hooks.event(stage, "embedding the training texts with the base checkpoint for the teacher to keep")
+            questions, passages = embed_pairs(
+                model.to(device.torch_device),
+                tokenizer,
+                train_pairs,
+                max_length=spec.max_length,
+                device=device,
+                hooks=hooks,
+            )
+            targets |= {"question_embedding": questions, "passage_embedding": passages}
             loss_fn = functools.partial(in_batch_ranking_loss, embedding_weight=spec.embedding_weight)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -118,28 +127,6 @@ def prepare_teacher(
     shutil.rmtree(checkpoint_dir)
     hooks.event(stage, f"saved to {folder}")
     return folder
-
-
-def _embeddings(
-    model: BiEncoder,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[Pair],
-    max_length: int,
-    device: Device,
-    hooks: Hooks,
-    stage: str,
-) -> dict[str, Tensor]:
-    """The model's unit embeddings of each pair's question and passage ([N, D] each)."""
-    texts = sorted({text for p in pairs for text in (p.question, p.passage)})
-    hooks.event(stage, f"embedding {len(texts)} texts with the base checkpoint for the teacher to keep")
-    vectors = embed_texts(
-        model.to(device.torch_device), tokenizer, texts, max_length=max_length, device=device, hooks=hooks
-    )
-    row = {text: i for i, text in enumerate(texts)}
-    return {
-        "question_embedding": vectors[[row[p.question] for p in pairs]],
-        "passage_embedding": vectors[[row[p.passage] for p in pairs]],
-    }
 
 
 def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
