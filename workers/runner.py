@@ -34,9 +34,9 @@ from app.services.registry import register_version
 from app.services.routing import live_workers, route_job
 from app.settings import Settings
 from app.storage import ArtifactStore
+from workers.cache_mirror import CacheMirror
 from workers.lease import LeaseKeeper
 from workers.metrics import observe_stage
-from workers.soft_label_store import SoftLabelStore
 from workers.workspace import CURRENT, Workspace, discard_snapshots, teacher_key, workspace_key
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class JobReporter:
         self.lease, self.keeper, self.workspace = lease, keeper, workspace
         self.stage = "prepare"
         self.stage_started = time.monotonic()
-        self.soft_labels: SoftLabelStore | None = None
+        self.cache_mirror: CacheMirror | None = None
         self.fraction = 0.0
         self.points: list[tuple[str, int, str, float]] = []
         self.last_flush = 0.0
@@ -109,8 +109,8 @@ class JobReporter:
         log.info("job %s [%s] %s", self.job_id, stage, message, extra={"job_id": self.job_id, "stage": stage})
         self.write(lambda s: job_runs.add_event(s, job_id=self.job_id, stage=stage, message=message, lease=self.lease))
         self.sync_workspace()
-        if stage == "soft_labels" and self.soft_labels is not None:  # a teacher's soft labels are ready
-            self.soft_labels.push()
+        if stage == "soft_labels" and self.cache_mirror is not None:  # soft labels or embeddings are ready
+            self.cache_mirror.push()
 
     def end_stage(self) -> None:
         """Time the stage that is ending (workers/metrics.py)."""
@@ -452,10 +452,10 @@ def _finish(
         spec = run.spec()
         for name in teachers_to_train(spec):
             _fetch_teacher(store, tenant_id, job_id, name, workspace.local)
-        reporter.soft_labels = SoftLabelStore(
+        reporter.cache_mirror = CacheMirror(
             store, tenant_id=tenant_id, data_sha256={d.sha256 for d in datasets.values()}, cache_dir=settings.cache_dir
         )
-        reporter.soft_labels.pull()
+        reporter.cache_mirror.pull()
         eval_names = jobs.spec_data({role: dataset.name for role, dataset in datasets.items()})["eval"]
         result = run_pipeline(
             spec,
@@ -465,7 +465,7 @@ def _finish(
             eval_names=eval_names,
         )
         workspace.sync()
-        reporter.soft_labels.push()
+        reporter.cache_mirror.push()
         # The fastest serving form that keeps MAP within bounds, chosen once here rather than at load time.
         serving = optimize_for_serving(
             result.model_dir, read_pairs(spec.data.eval[0]).pairs, threads=settings.serve_threads

@@ -108,6 +108,7 @@ def reference_embeddings(
                 "passage_index": passages,
             }
             _write_atomically(path, cached, teacher=fingerprint, data=data_sha, max_length=max_length)
+            hooks.event("soft_labels", f"{folder.name} on {name}: embedded {len(texts)} texts into {path}")
         vectors = cached["vectors"]
         found[name] = {
             "question_embedding": vectors[cached["question_index"]],

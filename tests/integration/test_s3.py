@@ -79,6 +79,8 @@ def test_a_whole_job_keeps_every_artifact_in_the_bucket(s3_stack, tiny_base, sam
     assert len([k for k in keys if k.startswith("datasets/")]) == 2, keys
     soft_labels = [k for k in keys if k.startswith("soft-labels/") and k.endswith(".safetensors")]
     assert len(soft_labels) >= 2, keys  # two teachers, on the train, eval and unlabelled data
+    embeddings = [k for k in keys if k.startswith("embeddings/") and k.endswith(".safetensors")]
+    assert len(embeddings) >= 1, keys  # what the bi-encoder student's embedding term matches
     assert f"models/{job_id}/manifest.json" in keys, keys
     # The worker deletes the snapshots right after it marks the job succeeded.
     wait_until(lambda: not [k for k in stored_keys(stack, alice.tenant_id) if k.startswith("jobs/")], 15,
