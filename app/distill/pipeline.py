@@ -441,6 +441,7 @@ def _train_variant(
                     weight_decay=stage_spec.weight_decay,
                     warmup_ratio=stage_spec.warmup_ratio,
                     max_steps=stage_spec.max_steps,
+                    head_learning_rate=stage_spec.head_learning_rate,
                     checkpoint_every=spec.checkpoint_every,
                 ),
                 checkpoint_dir=out_dir / "checkpoints" / Path(*stage.replace(":", "/").split("/")),

@@ -133,6 +133,13 @@ class StageSpec(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0, le=1)
     max_steps: int | None = Field(None, ge=1, le=2**31 - 1, description="Stop after this many optimiser steps.")
+    head_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Learning rate of the per-teacher heads (not decayed), apart from the encoder's; "
+        "null: learning_rate, decayed like the rest.",
+    )
     keep_start: float = Field(
         0.0,
         ge=0,

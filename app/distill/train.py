@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_steps: int | None = None
+    head_learning_rate: float | None = None
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -103,7 +104,7 @@ def train(
         total = count_steps(len(groups), per_batch, config.epochs, config.max_steps)
     model.to(device.torch_device)
     optimizer = torch.optim.AdamW(
-        _parameter_groups(model, config.weight_decay),
+        _parameter_groups(model, config.weight_decay, config.head_learning_rate),
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
@@ -177,11 +178,23 @@ def is_done(checkpoint_dir: Path) -> bool:
     return (checkpoint_dir / DONE_MARKER).is_file()
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Biases and norm weights (1-D) are not decayed: decay would only shrink them towards zero.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _parameter_groups(model: nn.Module, weight_decay: float, head_learning_rate: float | None) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed biases and norm weights, and the heads at their own rate.
+
+    Biases and norm weights (1-D) are not decayed: decay would only shrink them towards zero. With
+    head_learning_rate, the parameters under `heads.` form a group of their own, not decayed either.
+    """
+    heads, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (heads if head_learning_rate is not None and name.startswith("heads.") else rest).append(p)
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if heads:
+        groups.append({"params": heads, "weight_decay": 0.0, "lr": head_learning_rate})
+    return groups
 
 
 def _warmup_then_decay(warmup_ratio: float, total: int) -> Callable[[int], float]:

@@ -174,3 +174,33 @@ def test_a_short_stage_still_draws_a_curve(tmp_path: Path, wikiqa_slice: list[Pa
     hooks = Hooks(on_progress=lambda p: losses.append((p.step, p.loss)) if p.loss is not None else None)
     run_stage(make_tiny_base(tmp_path), wikiqa_slice, tmp_path / "ckpt", hooks)
     assert [step for step, _ in losses] == list(range(1, 10))  # 9 steps, one point each (not one at the end)
+
+
+def test_heads_learn_at_their_own_rate(tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    pairs = fruit_pairs(64, seed=1)
+    moved = {}
+    for head_rate in (None, 1e-2):
+        student, tokenizer = tiny_student(base)
+        start = {k: v.clone() for k, v in student.state_dict().items()}
+        train(
+            student,
+            stage="stage2:test",
+            encodings=encode_pairs(pairs, tokenizer, MAX_LENGTH),
+            targets=targets_for(pairs, heads=2),
+            loss_fn=LOSS,
+            config=TrainConfig(learning_rate=1e-5, batch_size=16, epochs=2, seed=0, head_learning_rate=head_rate),
+            checkpoint_dir=tmp_path / f"ckpt-{head_rate}",
+            device=CPU,
+            hooks=Hooks(),
+        )
+        end = student.state_dict()
+        moved[head_rate] = {
+            part: max((end[k] - start[k]).abs().max().item() for k in end if k.startswith(part))
+            for part in ("heads.", "encoder.")
+        }
+
+    # Adam moves each weight by about its rate a step: 8 steps at 1e-2 against 1e-5.
+    assert moved[1e-2]["heads."] > 100 * moved[None]["heads."]
+    assert moved[1e-2]["heads."] > 1e-2
+    assert moved[1e-2]["encoder."] < 1e-3
