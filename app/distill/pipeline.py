@@ -115,8 +115,9 @@ def run_pipeline(
     )
     hooks.progress(Progress("prepare", 1, 1))
 
-    teacher_dirs = {
-        t.name: prepare_teacher(
+    teacher_dirs: dict[str, Path] = {}
+    for t in spec.teachers:  # in order: a soup averages teachers listed before it
+        teacher_dirs[t.name] = prepare_teacher(
             t,
             train_pairs=data.train,
             out_dir=out_dir,
@@ -124,9 +125,8 @@ def run_pipeline(
             device=device,
             hooks=hooks,
             checkpoint_every=spec.checkpoint_every,
+            teacher_dirs=teacher_dirs,
         )
-        for t in spec.teachers
-    }
     soft, floors = _soft_labels(spec, data, teacher_dirs, cache_dir=soft_cache, device=device, hooks=hooks)
 
     source_dir = _student_source(spec, teacher_dirs, cache_dir)

@@ -60,6 +60,15 @@ class TeacherSpec(_Strict):
         "some of what it learnt in domain (MiniLM teachers on WikiQA at 0.3: 0.8 to 1.0 MAP points lost in "
         "domain, 1.9 to 3.9 gained on TrecQA). Encoder weights only: a cross-encoder's classifier stays.",
     )
+    average_of: list[Name] | None = Field(
+        None,
+        min_length=2,
+        max_length=8,
+        description="A model soup: this teacher's weights are the mean of these earlier bi-encoder teachers' "
+        "(fine-tuned from this teacher's base), with keep_base of the base's mixed in; no training of its own. "
+        "Averaging teachers fine-tuned with different settings, and a share of their base, keeps more of both "
+        "than either (MiniLM on WikiQA / TrecQA: see benchmarks/results/quality.md).",
+    )
     embedding_weight: float = Field(
         0.0,
         ge=0,
@@ -216,6 +225,8 @@ class PipelineSpec(_Strict):
                     f"teachers.{i}.epochs: a cross-encoder teacher starts from a fresh classifier and needs "
                     "training (epochs > 0); use kind 'bi-encoder' for a zero-shot teacher"
                 )
+            if teacher.average_of is not None:
+                self._check_soup(i, teacher)
             if teacher.embedding_weight and teacher.kind != "bi-encoder":
                 raise ValueError(f"teachers.{i}.embedding_weight: only a bi-encoder teacher has embeddings to keep")
         if self.student.kind == "bi-encoder" and self.student.init_from is None:
@@ -226,6 +237,24 @@ class PipelineSpec(_Strict):
         if self.student.init_from is None and self.student.hidden_size % self.student.num_attention_heads:
             raise ValueError("student.hidden_size: must be a multiple of student.num_attention_heads")
         return self
+
+    def _check_soup(self, i: int, teacher: TeacherSpec) -> None:
+        """A soup averages distinct earlier bi-encoder teachers fine-tuned from its own base."""
+        field = f"teachers.{i}.average_of"
+        if teacher.kind != "bi-encoder" or teacher.path is not None:
+            raise ValueError(f"{field}: a soup is a bi-encoder teacher built here (kind bi-encoder, no path)")
+        if len(set(teacher.average_of or [])) != len(teacher.average_of or []):
+            raise ValueError(f"{field}: each teacher may appear once")
+        earlier = {t.name: t for t in self.teachers[:i]}
+        for name in teacher.average_of or []:
+            member = earlier.get(name)
+            if member is None:
+                raise ValueError(f"{field}: {name!r} is not a teacher listed before this one")
+            # A ready-made member (path) is checked when the weights are averaged: same shapes.
+            if member.kind != "bi-encoder" or (member.path is None and member.base != teacher.base):
+                raise ValueError(
+                    f"{field}: {name!r} must be a bi-encoder teacher from this teacher's base {teacher.base!r}"
+                )
 
     @property
     def primary_variant(self) -> str:

@@ -8,7 +8,7 @@ import functools
 import hashlib
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -37,8 +37,10 @@ def prepare_teacher(
     device: Device,
     hooks: Hooks,
     checkpoint_every: int,
+    teacher_dirs: Mapping[str, Path] | None = None,
 ) -> Path:
-    """The teacher's model folder: `spec.path` when ready-made, else fine-tuned into out_dir/teachers/<name>.
+    """The teacher's model folder: `spec.path` when ready-made, else fine-tuned (or, for a soup, averaged
+    from the folders of `teacher_dirs` it names) into out_dir/teachers/<name>.
 
     A teacher already saved there by an earlier run is reused; an interrupted training resumes.
     """
@@ -60,6 +62,12 @@ def prepare_teacher(
         return folder
 
     base = resolve_model(spec.base, cache_dir=cache_dir)
+    if spec.average_of is not None:
+        members = [(teacher_dirs or {})[name] for name in spec.average_of]
+        save_teacher(_soup(members, base, spec.keep_base), AutoTokenizer.from_pretrained(members[0]), folder)
+        hooks.event(stage, f"weights averaged over {', '.join(spec.average_of)}, {spec.keep_base:g} of {spec.base}'s")
+        hooks.progress(Progress(stage, 1, 1))
+        return folder
     hooks.event(stage, f"fine-tuning {spec.base} as a {spec.kind} on {len(train_pairs)} labelled pairs")
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(spec.seed)  # the new classifier head's initialisation
@@ -119,14 +127,35 @@ def prepare_teacher(
     trained = model.encoder if isinstance(model, BiEncoder) else model
     if spec.keep_base > 0:
         # The encoder body only: a cross-encoder's fresh classifier has no base to go back to.
-        base_state = AutoModel.from_pretrained(base, use_safetensors=True, dtype=torch.float32).state_dict()
-        mix_weights(trained.base_model, base_state, spec.keep_base)
+        mix_weights(trained.base_model, _encoder(base).state_dict(), spec.keep_base)
         hooks.event(stage, f"weights averaged: {spec.keep_base:g} of {spec.base}'s, the rest fine-tuned")
     save_teacher(trained, tokenizer, folder)
     # The saved folder is the artifact now; its checkpoints (weights and optimiser state, ~3x the model) go.
     shutil.rmtree(checkpoint_dir)
     hooks.event(stage, f"saved to {folder}")
     return folder
+
+
+def _encoder(folder: Path) -> PreTrainedModel:
+    return AutoModel.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+
+
+def _soup(members: Sequence[Path], base: Path, keep_base: float) -> PreTrainedModel:
+    """The mean of the member encoders' weights (a model soup, Wortsman et al. 2022), then keep_base of the
+    base's mixed in (WiSE-FT)."""
+    soup, *others = [_encoder(folder) for folder in members]
+    shapes = {name: tensor.shape for name, tensor in soup.state_dict().items()}
+    states = [other.state_dict() for other in others]
+    for folder, state in zip(members[1:], states, strict=True):
+        if {name: tensor.shape for name, tensor in state.items()} != shapes:
+            raise ValueError(f"average_of: {folder} and {members[0]} are not the same architecture")
+    with torch.no_grad():
+        for name, tensor in soup.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.add_(sum(state[name] for state in states)).div_(len(members))
+    if keep_base > 0:
+        mix_weights(soup, _encoder(base).state_dict(), keep_base)
+    return soup
 
 
 def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

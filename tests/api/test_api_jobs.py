@@ -99,6 +99,7 @@ BAD_FIELDS = [
     ("teachers.0.max_length", 4, "teachers.0.max_length"),
     ("teachers", [{"name": "t1"}, {"name": "t1"}], "teachers"),
     ("teachers", [], "teachers"),
+    ("teachers", [{"name": "t1"}, {"name": "soup", "average_of": ["t1", "t9"]}], "teachers.1.average_of"),
     ("student.kind", "cnn", "student.kind"),
     ("student.layers", [], "student.layers"),
     ("student.layers", [1, 1], "student.layers"),

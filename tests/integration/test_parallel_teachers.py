@@ -2,6 +2,7 @@
 train two teachers at the same time; the job then ends on one worker with soft labels, students, evaluation and
 registration. The same job still runs end to end on a single worker."""
 
+import json
 import secrets
 import socket
 import subprocess
@@ -37,16 +38,14 @@ def teacher_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 stop_worker(worker, timeout=15)
 
 
-def two_teacher_job(stack: Stack, caller: Caller, tiny_base: Any, name: str) -> str:
-    """Submit a job whose two teachers both need fine-tuning (a few hundred tiny steps each); its id."""
+def two_teacher_job(stack: Stack, caller: Caller, tiny_base: Any, name: str, soup: bool = False) -> str:
+    """Submit a job whose two teachers both need fine-tuning (a few hundred tiny steps each), and with `soup`
+    a third teacher averaged from them; its id."""
     teacher = {"base": str(tiny_base), "max_length": 32, "batch_size": 4, "epochs": 10, "max_steps": 200}
-    spec = tiny_spec(
-        tiny_base,
-        name=name,
-        variants=["mkd"],
-        teachers=[teacher | {"name": "t1", "seed": 1}, teacher | {"name": "t2", "seed": 2}],
-        checkpoint_every=50,
-    )
+    teachers = [teacher | {"name": "t1", "seed": 1}, teacher | {"name": "t2", "seed": 2}]
+    if soup:
+        teachers.append({"name": "soup", "base": str(tiny_base), "average_of": ["t1", "t2"], "keep_base": 0.2})
+    spec = tiny_spec(tiny_base, name=name, variants=["mkd"], teachers=teachers, checkpoint_every=50)
     spec["data"] = {"train": "demo", "eval": "demo"}
     response = stack.client.post("/v1/jobs", headers=caller.headers, json=spec)
     assert response.status_code == 201, response.text
@@ -76,14 +75,21 @@ def job_tasks(stack: Stack, job_id: str) -> list[JobTask]:
         return list(session.scalars(select(JobTask).where(JobTask.job_id == job_id).order_by(JobTask.task)))
 
 
-def test_a_job_with_two_teachers_runs_end_to_end_on_one_worker(teacher_stack, tiny_base):
+def test_a_job_with_two_teachers_and_their_soup_runs_end_to_end_on_one_worker(teacher_stack, tiny_base):
     stack = teacher_stack
     ida = stack.caller(f"ida-{secrets.token_hex(3)}")
     upload(stack, ida, DEMO_FILE.read_bytes(), "demo")
-    job_id = two_teacher_job(stack, ida, tiny_base, "alone")
+    job_id = two_teacher_job(stack, ida, tiny_base, "alone", soup=True)
 
     finished_job(stack, ida, job_id)
     assert sorted(teacher_spans(stack, ida, job_id)) == ["t1", "t2"]
+    # The soup is no task of its own: the finishing step averages the two trained teachers' weights.
+    events = stack.client.get(f"/v1/jobs/{job_id}/events", headers=ida.headers, params={"limit": 1000}).json()
+    assert [e["message"] for e in events["data"] if e["stage"] == "teacher:soup"][0].startswith(
+        "weights averaged over t1, t2, 0.2 of"
+    )
+    metrics = stack.client.get(f"/v1/jobs/{job_id}/metrics", headers=ida.headers).json()
+    assert "teacher:soup" in json.dumps(metrics)
     assert [(t.task, t.epoch, t.finished_at is not None) for t in job_tasks(stack, job_id)] == [
         ("teacher:t1", 1, True),
         ("teacher:t2", 1, True),

@@ -274,3 +274,25 @@ def test_embedding_weight_needs_a_bi_encoder_student_of_the_references_width(
     spec = tiny_spec(tmp_path, sample_data, stage2={"embedding_weight": 1}, distill={"embedding_from": str(wide)})
     with pytest.raises(ValueError, match="distill.embedding_from: .* 64-wide embeddings, the student 32-wide"):
         run_pipeline(spec, out_dir=tmp_path / "run")
+
+
+def test_a_soup_of_the_teachers_is_a_teacher_and_the_students_source(tmp_path: Path, sample_data: Path) -> None:
+    teachers = [t.model_dump() for t in tiny_spec(tmp_path, sample_data).teachers]
+    soup = {"name": "soup", "base": teachers[0]["base"], "average_of": ["teacher-a", "teacher-b"], "keep_base": 0.5}
+    spec = tiny_spec(
+        tmp_path, sample_data, teachers=[*teachers, soup], student={"init_from": "soup", "layers": [1]}
+    )
+    recorder = Recorder()
+    result = run_pipeline(spec, out_dir=tmp_path / "out", hooks=recorder.hooks())
+
+    assert recorder.messages("weights averaged over teacher-a, teacher-b, 0.5 of")
+    assert recorder.messages("with soup for the students")  # the student is cut from the soup and matches it
+    weights = {name: load_file(folder / "model.safetensors") for name, folder in result.teacher_dirs.items()}
+    layer = "encoder.layer.1.attention.output.dense.weight"
+    base = load_file(Path(spec.teachers[0].base) / "model.safetensors")[layer]
+    torch.testing.assert_close(
+        weights["soup"][layer], 0.5 * base + 0.25 * (weights["teacher-a"][layer] + weights["teacher-b"][layer])
+    )
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {"teacher:soup", "teacher-ensemble"} <= {row["model"] for row in report["rows"]}
+    assert load_ensemble(result.model_dir).heads == ["teacher-a", "teacher-b", "soup"]

@@ -1,7 +1,8 @@
-"""Teachers: weight-space averaging with the base checkpoint after fine-tuning (keep_base), and keeping the
-base's embeddings while fine-tuning (embedding_weight)."""
+"""Teachers: weight-space averaging with the base checkpoint after fine-tuning (keep_base), keeping the
+base's embeddings while fine-tuning (embedding_weight), and soups of other teachers (average_of)."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,22 @@ from app.distill.teachers import prepare_teacher
 from tests.unit.helpers import MAX_LENGTH, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
+def _prepare(
+    tmp_path: Path, sample_data: Path, hooks: Hooks | None = None, teacher_dirs: dict | None = None, **fields: Any
+) -> Path:
+    spec = TeacherSpec(base=str(make_tiny_base(tmp_path)), batch_size=8, max_length=MAX_LENGTH, max_steps=3, **fields)
+    return prepare_teacher(
+        spec,
+        train_pairs=read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs,
+        out_dir=tmp_path / "run",
+        cache_dir=None,
+        device=resolve_device("cpu"),
+        hooks=hooks or Hooks(),
+        checkpoint_every=100,
+        teacher_dirs=teacher_dirs,
+    )
+
+
 def _train(
     tmp_path: Path,
     sample_data: Path,
@@ -25,26 +42,15 @@ def _train(
     hooks: Hooks | None = None,
     embedding_weight: float = 0.0,
 ) -> dict:
-    base = make_tiny_base(tmp_path)
-    spec = TeacherSpec(
+    folder = _prepare(
+        tmp_path,
+        sample_data,
+        hooks,
         name=f"t-{kind}-{keep_base:g}-{embedding_weight:g}",
         kind=kind,
-        base=str(base),
-        batch_size=8,
-        max_length=MAX_LENGTH,
-        max_steps=3,
         learning_rate=1e-2,
         keep_base=keep_base,
         embedding_weight=embedding_weight,
-    )
-    folder = prepare_teacher(
-        spec,
-        train_pairs=read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs,
-        out_dir=tmp_path / "run",
-        cache_dir=None,
-        device=resolve_device("cpu"),
-        hooks=hooks or Hooks(),
-        checkpoint_every=100,
     )
     return load_file(folder / "model.safetensors")
 
@@ -100,3 +106,55 @@ def test_embedding_weight_is_for_bi_encoder_teachers(tmp_path: Path, sample_data
     teacher = {"name": "t", "kind": "cross-encoder", "embedding_weight": 1}
     with pytest.raises(ValidationError, match="teachers.0.embedding_weight: only a bi-encoder teacher"):
         tiny_spec(tmp_path, sample_data, teachers=[teacher])
+
+
+def test_a_soup_averages_earlier_teachers_and_keeps_part_of_their_base(tmp_path: Path, sample_data: Path) -> None:
+    folders = {
+        "a": _prepare(tmp_path, sample_data, name="a", learning_rate=1e-2, seed=1),
+        "b": _prepare(tmp_path, sample_data, name="b", learning_rate=3e-2, seed=2),
+    }
+    recorder = Recorder()
+    soup = _prepare(tmp_path, sample_data, recorder.hooks(), folders, name="soup", average_of=["a", "b"], keep_base=0.2)
+
+    weights = {name: load_file(folder / "model.safetensors") for name, folder in folders.items()}
+    base = load_file(make_tiny_base(tmp_path) / "model.safetensors")
+    mixed = load_file(soup / "model.safetensors")
+    name = "encoder.layer.1.output.dense.weight"
+    assert not torch.allclose(weights["a"][name], weights["b"][name])
+    torch.testing.assert_close(mixed[name], 0.2 * base[name] + 0.4 * weights["a"][name] + 0.4 * weights["b"][name])
+    assert recorder.messages("weights averaged over a, b, 0.2 of")
+    assert load_bi_encoder(soup, resolve_device("cpu"))[1] is not None  # a whole model folder, tokenizer too
+
+
+@pytest.mark.parametrize(
+    ("teachers", "error"),
+    [
+        ([{"name": "s", "average_of": ["a", "b"]}, {"name": "a"}, {"name": "b"}], "'a' is not a teacher listed before"),
+        ([{"name": "a"}, {"name": "s", "average_of": ["a", "a"]}], "each teacher may appear once"),
+        ([{"name": "a"}, {"name": "s", "average_of": ["a"]}], "at least 2 items"),
+        (
+            [{"name": "a", "kind": "cross-encoder"}, {"name": "b"}, {"name": "s", "average_of": ["a", "b"]}],
+            "'a' must be a bi-encoder teacher",
+        ),
+        (
+            [{"name": "a", "base": "all-mpnet-base-v2"}, {"name": "b"}, {"name": "s", "average_of": ["a", "b"]}],
+            "'a' must be a bi-encoder teacher from this teacher's base 'all-MiniLM-L6-v2'",
+        ),
+        (
+            [{"name": "a"}, {"name": "b"}, {"name": "s", "kind": "cross-encoder", "average_of": ["a", "b"]}],
+            "a soup is a bi-encoder teacher built here",
+        ),
+    ],
+)
+def test_a_soup_must_name_earlier_teachers_of_its_own_base(
+    tmp_path: Path, sample_data: Path, teachers: list[dict], error: str
+) -> None:
+    soup = next(i for i, t in enumerate(teachers) if "average_of" in t)
+    with pytest.raises(ValidationError, match=rf"teachers.{soup}.average_of[\s\S]*{error}"):
+        tiny_spec(tmp_path, sample_data, teachers=teachers)
+
+
+def test_a_soup_of_ready_made_teachers_needs_one_architecture(tmp_path: Path, sample_data: Path) -> None:
+    folders = {"a": make_tiny_base(tmp_path), "b": make_tiny_base(tmp_path, name="wide", hidden_size=64)}
+    with pytest.raises(ValueError, match="average_of: .*tiny-bert and .*wide are not the same architecture"):
+        _prepare(tmp_path, sample_data, None, folders, name="soup", average_of=["b", "a"])
