@@ -144,18 +144,23 @@ def _soup(members: Sequence[Path], base: Path, keep_base: float) -> PreTrainedMo
     """The mean of the member encoders' weights (a model soup, Wortsman et al. 2022), then keep_base of the
     base's mixed in (WiSE-FT)."""
     soup, *others = [_encoder(folder) for folder in members]
-    shapes = {name: tensor.shape for name, tensor in soup.state_dict().items()}
     states = [other.state_dict() for other in others]
-    for folder, state in zip(members[1:], states, strict=True):
-        if {name: tensor.shape for name, tensor in state.items()} != shapes:
+    base_state = _encoder(base).state_dict() if keep_base > 0 else None
+    shapes = _shapes(soup.state_dict())
+    for folder, state in zip([*members[1:], base], [*states, base_state], strict=True):
+        if state is not None and _shapes(state) != shapes:
             raise ValueError(f"average_of: {folder} and {members[0]} are not the same architecture")
     with torch.no_grad():
         for name, tensor in soup.state_dict().items():
             if tensor.is_floating_point():
                 tensor.add_(sum(state[name] for state in states)).div_(len(members))
-    if keep_base > 0:
-        mix_weights(soup, _encoder(base).state_dict(), keep_base)
+    if base_state is not None:
+        mix_weights(soup, base_state, keep_base)
     return soup
+
+
+def _shapes(state: dict[str, Tensor]) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in state.items()}
 
 
 def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -158,3 +158,24 @@ def test_a_soup_of_ready_made_teachers_needs_one_architecture(tmp_path: Path, sa
     folders = {"a": make_tiny_base(tmp_path), "b": make_tiny_base(tmp_path, name="wide", hidden_size=64)}
     with pytest.raises(ValueError, match="average_of: .*tiny-bert and .*wide are not the same architecture"):
         _prepare(tmp_path, sample_data, None, folders, name="soup", average_of=["b", "a"])
+
+
+def test_a_soup_keeps_only_a_base_of_its_own_architecture(tmp_path: Path, sample_data: Path) -> None:
+    folders = {"a": make_tiny_base(tmp_path, seed=1, name="a"), "b": make_tiny_base(tmp_path, seed=2, name="b")}
+    spec = TeacherSpec(
+        name="soup",
+        base=str(make_tiny_base(tmp_path, name="wide", hidden_size=64)),
+        average_of=["a", "b"],
+        keep_base=0.2,
+    )
+    with pytest.raises(ValueError, match="average_of: .*wide and .*/a are not the same architecture"):
+        prepare_teacher(
+            spec,
+            train_pairs=[],
+            out_dir=tmp_path / "run",
+            cache_dir=None,
+            device=resolve_device("cpu"),
+            hooks=Hooks(),
+            checkpoint_every=100,
+            teacher_dirs=folders,
+        )
