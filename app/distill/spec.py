@@ -243,6 +243,8 @@ class PipelineSpec(_Strict):
         field = f"teachers.{i}.average_of"
         if teacher.kind != "bi-encoder" or teacher.path is not None:
             raise ValueError(f"{field}: a soup is a bi-encoder teacher built here (kind bi-encoder, no path)")
+        if teacher.embedding_weight:
+            raise ValueError(f"{field}: a soup is not trained, so it has no embedding_weight")
         if len(set(teacher.average_of or [])) != len(teacher.average_of or []):
             raise ValueError(f"{field}: each teacher may appear once")
         earlier = {t.name: t for t in self.teachers[:i]}

@@ -133,6 +133,10 @@ def test_a_soup_averages_earlier_teachers_and_keeps_part_of_their_base(tmp_path:
         ([{"name": "a"}, {"name": "s", "average_of": ["a", "a"]}], "each teacher may appear once"),
         ([{"name": "a"}, {"name": "s", "average_of": ["a"]}], "at least 2 items"),
         (
+            [{"name": "a"}, {"name": "b"}, {"name": "s", "average_of": ["a", "b"], "embedding_weight": 1}],
+            "a soup is not trained",
+        ),
+        (
             [{"name": "a", "kind": "cross-encoder"}, {"name": "b"}, {"name": "s", "average_of": ["a", "b"]}],
             "'a' must be a bi-encoder teacher",
         ),
