@@ -177,11 +177,7 @@ def load_pipeline() -> None:
 def teachers_to_train(spec: "PipelineSpec") -> list[str]:
     """The teachers that need fine-tuning (not ready-made, not a bi-encoder used zero-shot, not a soup of
     others: the finishing step averages those), as prepare_teacher decides."""
-    return [
-        t.name
-        for t in spec.teachers
-        if t.path is None and t.average_of is None and not (t.kind == "bi-encoder" and t.epochs == 0)
-    ]
+    return [t.name for t in spec.teachers if t.path is None and t.average_of is None and not t.zero_shot]
 
 
 class _Run:

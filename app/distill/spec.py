@@ -79,6 +79,11 @@ class TeacherSpec(_Strict):
         "2.7 points more on TrecQA; an ensemble of such teachers gave 1.1 points in domain for 1.9 out of it).",
     )
 
+    @property
+    def zero_shot(self) -> bool:
+        """A bi-encoder used as its base checkpoint is: epochs 0, neither a ready-made folder nor a soup."""
+        return self.kind == "bi-encoder" and self.epochs == 0 and self.path is None and self.average_of is None
+
 
 class StudentSpec(_Strict):
     """The compact student: a bi-encoder or a cross-encoder transformer (initialised from chosen layers of

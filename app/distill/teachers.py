@@ -50,7 +50,7 @@ def prepare_teacher(
         hooks.event(stage, f"ready-made teacher at {folder}")
         hooks.progress(Progress(stage, 1, 1))
         return folder
-    if spec.kind == "bi-encoder" and spec.epochs == 0:
+    if spec.zero_shot:
         folder = resolve_model(spec.base, cache_dir=cache_dir)
         hooks.event(stage, f"{spec.base} used zero-shot as a bi-encoder")
         hooks.progress(Progress(stage, 1, 1))
