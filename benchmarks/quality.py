@@ -60,8 +60,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "mpnet", "kind": "bi-encoder", "base": "all-mpnet-base-v2", "epochs": 0, "max_length": 128},
             MINILM_SOUP,
         ],
-        # 3 of 6 layers: the student must cost 10x less CPU than the teachers together.
-        "student": {"kind": "bi-encoder", "init_from": "minilm-soup", "layers": [0, 2, 5], "max_length": 64},
+        # 4 of 6 layers, the best 4-layer cut zero-shot on both dev sets: it keeps 1.7 points in domain and 3 out
+        # of it over [0, 2, 5], at 13x and more less CPU than the teachers together (the target is 10x).
+        "student": {"kind": "bi-encoder", "init_from": "minilm-soup", "layers": [0, 1, 3, 5], "max_length": 64},
         # Stage 2 for 2 epochs: with embedding_weight (5 by default) holding the student's embeddings to its
         # source's, a second epoch buys in-domain MAP without the out-of-domain loss it used to cost.
         "stage1": {"epochs": 1.0, "learning_rate": 5e-5, "batch_size": 64},
@@ -75,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "epochs": 2.0, "seed": 3, "batch_size": 128, "max_length": 128},
             MINILM_SOUP,
         ],
-        "student": {"kind": "bi-encoder", "init_from": "minilm-soup", "layers": [0, 2, 4, 5], "max_length": 128},
+        "student": {"kind": "bi-encoder", "init_from": "minilm-soup", "layers": [0, 1, 3, 5], "max_length": 128},
         "stage1": {"epochs": 3.0, "learning_rate": 5e-5, "batch_size": 64},
         "stage2": {"epochs": 3.0, "learning_rate": 3e-5, "batch_size": 64},
     },

@@ -108,9 +108,9 @@ class CosineHeads(nn.Module):
 class BiEncoderStudent(nn.Module):
     """A BERT encoder reading each side of the pair apart, and CosineHeads; forward(**batch) -> [B, H, 2].
 
-    The pair comes tokenised as `[CLS] question [SEP] passage [SEP]` with token types 0 and 1. Inside the
-    forward the passage gets its own [CLS] (one extra column) and positions from 0, token types are all 0,
-    and attention stays within a side: each side's states are exactly those of encoding it alone.
+    The pair comes tokenised as `[CLS] question [SEP] passage [SEP]` with token types 0 and 1 (what the
+    trainer and the serving formats hand every student). Inside the forward each side is split off and
+    encoded alone, the passage behind a [CLS] of its own: its vector is exactly the one serving's `embed` gives.
     """
 
     kind = "bi-encoder"
@@ -126,23 +126,25 @@ class BiEncoderStudent(nn.Module):
         self.heads = CosineHeads(encoder.config.hidden_size, len(self.head_names))
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Unit-length question and passage vectors [B, D] each."""
+        """Unit-length question and passage vectors [B, D] each, every side encoded alone by `embed`.
+
+        The question is the pair's `[CLS] question [SEP]`, the passage its `passage [SEP]` behind a [CLS] of
+        its own. A question the batch holds more than once (a listwise batch holds each question's
+        candidates) is encoded once.
+        """
         side, real = token_type_ids, attention_mask.bool()
-        question_length = ((side == 0) & real).sum(dim=1, keepdim=True)
-        columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
-        # The passage's positions count from 1, after its own [CLS] at position 0 (the extra column).
-        positions = torch.where(side == 1, columns - question_length + 1, columns)
-        extra = torch.ones_like(input_ids[:, :1])
-        input_ids = torch.cat([input_ids, extra * self.cls_token_id], dim=1)
-        side = torch.cat([side, extra], dim=1)
-        real = torch.cat([real, extra.bool()], dim=1)
-        positions = torch.cat([positions, extra * 0], dim=1)
-        hidden = self.encoder.embeddings(
-            input_ids=input_ids, token_type_ids=torch.zeros_like(side), position_ids=positions
-        )
-        allowed = (side[:, :, None] == side[:, None, :]) & real[:, None, :]
-        hidden = self._layers(hidden, allowed[:, None])  # [B, 1, T, T]
-        return mean_pool(hidden, (side == 0) & real), mean_pool(hidden, (side == 1) & real)
+        question_length = ((side == 0) & real).sum(dim=1)
+        passage_length = ((side == 1) & real).sum(dim=1) + 1  # with its [CLS]
+        q_columns = torch.arange(int(question_length.max()), device=input_ids.device)
+        q_mask = q_columns[None, :] < question_length[:, None]
+        questions, inverse = torch.unique(input_ids[:, : len(q_columns)] * q_mask, dim=0, return_inverse=True)
+        unique_mask = torch.zeros_like(questions, dtype=torch.bool)
+        unique_mask[inverse] = q_mask
+        p_columns = torch.arange(int(passage_length.max()), device=input_ids.device)
+        p_mask = p_columns[None, :] < passage_length[:, None]
+        source = (question_length[:, None] + p_columns[None, :] - 1).clamp(0, input_ids.shape[1] - 1)
+        passages = torch.where(p_columns[None, :] == 0, self.cls_token_id, input_ids.gather(1, source)) * p_mask
+        return self.embed(questions, unique_mask)[inverse], self.embed(passages, p_mask)
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Unit-length vectors [B, D] of single sides, each tokenised `[CLS] text [SEP]` (token types 0).

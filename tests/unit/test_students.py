@@ -141,3 +141,18 @@ def test_a_transformer_member_folder_opens_with_automodel(tmp_path: Path) -> Non
 def test_a_folder_without_a_manifest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EnsembleFormatError, match="no manifest.json"):
         load_ensemble(tmp_path)
+
+
+def test_a_bi_encoder_student_reads_each_side_of_a_pair_as_if_encoded_alone(tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    spec = StudentSpec(kind="bi-encoder", init_from=str(base), layers=[0, 1], max_length=MAX_LENGTH)
+    student, tokenizer = build_student(spec, HEADS, source_dir=base, tokenizer_dir=base, seed=0)
+    student.eval()
+    pairs = tokenizer(QUESTIONS, PASSAGES, padding=True, return_tensors="pt")  # the first question twice
+    with torch.no_grad():
+        questions, passages = student.encode(**pairs)
+        for i, (question, passage) in enumerate(zip(QUESTIONS, PASSAGES, strict=True)):
+            alone = tokenizer([question, passage], padding=True, return_tensors="pt")
+            expected = student.embed(alone["input_ids"], alone["attention_mask"])
+            torch.testing.assert_close(questions[i], expected[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(passages[i], expected[1], atol=1e-6, rtol=1e-5)
