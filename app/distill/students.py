@@ -2,9 +2,9 @@
 
 Three kinds, each taking a tokenised (question, passage) pair and giving logits [B, heads, 2]:
 - `bi-encoder` (the default): a BERT encoder initialised from chosen layers of a sentence-embedding model
-  that reads the question and the passage apart inside one forward (attention never crosses the two,
-  and each side has its own positions and [CLS] token, exactly as if encoded alone), mean-pools each side
-  and scores their cosine with a per-teacher weighting of the dimensions. It starts where its checkpoint's
+  that splits each pair into its question and its passage and encodes each alone (its own positions and
+  [CLS] token; a question the batch repeats, once), mean-pools each side and scores their cosine with a
+  per-teacher weighting of the dimensions. It starts where its checkpoint's
   zero-shot ranking is, instead of from a fresh classifier.
 - `transformer`: a cross-encoder (an `AutoModel`, so its folder opens with `transformers.AutoModel`),
   initialised from chosen layers of a bigger model or from scratch, pooled by its first ([CLS]) token;
