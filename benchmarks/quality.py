@@ -306,7 +306,7 @@ def main() -> None:
     if args.reuse_teachers is not None:
         spec = build_spec(PRESETS[args.preset], seed=0)
         folder = Path(args.reuse_teachers or CACHE / f"run-{args.preset}" / "seed-0" / "teachers")
-        dirs = {t.name: folder / t.name if t.epochs else resolve_model(t.base, cache_dir=CACHE / "artifacts")
+        dirs = {t.name: resolve_model(t.base, cache_dir=CACHE / "artifacts") if t.zero_shot else folder / t.name
                 for t in spec.teachers if not t.average_of}
         ready = ready_teachers(spec, dirs)
     reports, minutes = run_seeds(

@@ -168,7 +168,7 @@ class BiEncoderStudent(nn.Module):
         return torch.stack([torch.zeros_like(relevance), relevance], dim=-1)
 
     def _layers(self, hidden: Tensor, allowed: Tensor) -> Tensor:
-        """The encoder's layers over `hidden`, attention where `allowed` (broadcast to [B, 1, T, T])."""
+        """The encoder's layers over `hidden`, attention where `allowed` ([B, 1, 1, T]: the real tokens)."""
         additive = (~allowed).to(hidden.dtype) * torch.finfo(hidden.dtype).min
         for layer in self.encoder.encoder.layer:
             hidden = layer(hidden, additive)
