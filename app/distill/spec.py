@@ -17,6 +17,8 @@ SINGLE_TEACHER_VARIANTS: frozenset[str] = frozenset({"kd", "tkd"})
 
 # Measured on WikiQA/TrecQA (benchmarks/results/quality.md): 5 and 10 alike; 1 keeps less out of domain, 0 least.
 DEFAULT_EMBEDDING_WEIGHT = 5.0
+# A bi-encoder teacher's: at 1 MiniLM keeps its in-domain MAP and stays above its zero-shot TrecQA floor.
+DEFAULT_TEACHER_EMBEDDING_WEIGHT = 1.0
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 
@@ -69,15 +71,24 @@ class TeacherSpec(_Strict):
         "Averaging teachers fine-tuned with different settings, and a share of their base, keeps more of both "
         "than either (MiniLM on WikiQA / TrecQA: see benchmarks/results/quality.md).",
     )
-    embedding_weight: float = Field(
-        0.0,
+    embedding_weight: float | None = Field(
+        None,
         ge=0,
         le=1000,
         description="Bi-encoder teachers: adds this weight times the squared distance between the teacher's unit "
         "embeddings of every training question and passage and its base checkpoint's, so that fine-tuning "
         "moves the embeddings only as far as the ranking needs (MiniLM on WikiQA at 1: the same MAP in domain, "
-        "2.7 points more on TrecQA; an ensemble of such teachers gave 1.1 points in domain for 1.9 out of it).",
+        "2.7 points more on TrecQA, and room for a higher learning rate: see benchmarks/results/quality.md); "
+        f"null: {DEFAULT_TEACHER_EMBEDDING_WEIGHT:g} for a bi-encoder teacher that trains, 0 for the others.",
     )
+
+    @model_validator(mode="after")
+    def resolve_embedding_weight(self) -> Self:
+        """Fill in embedding_weight's default for this teacher's kind; a value given stays as it is."""
+        if self.embedding_weight is None:
+            trains = self.kind == "bi-encoder" and self.path is None and self.average_of is None and self.epochs > 0
+            self.embedding_weight = DEFAULT_TEACHER_EMBEDDING_WEIGHT if trains else 0.0
+        return self
 
     @property
     def zero_shot(self) -> bool:

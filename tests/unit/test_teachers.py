@@ -102,7 +102,13 @@ def test_embedding_weight_keeps_a_bi_encoder_teacher_near_its_base(tmp_path: Pat
 
 
 def test_embedding_weight_is_for_bi_encoder_teachers(tmp_path: Path, sample_data: Path) -> None:
-    assert TeacherSpec(name="a").embedding_weight == 0.0
+    # By default a bi-encoder teacher that trains keeps its base's embeddings; nothing else has any to keep.
+    assert TeacherSpec(name="a").embedding_weight == 1.0
+    assert TeacherSpec(name="a", embedding_weight=0).embedding_weight == 0.0
+    assert TeacherSpec(name="c", kind="cross-encoder").embedding_weight == 0.0
+    assert TeacherSpec(name="z", epochs=0).embedding_weight == 0.0
+    assert TeacherSpec(name="r", path="/models/ready").embedding_weight == 0.0
+    assert TeacherSpec(name="s", average_of=["a", "b"]).embedding_weight == 0.0
     teacher = {"name": "t", "kind": "cross-encoder", "embedding_weight": 1}
     with pytest.raises(ValidationError, match="teachers.0.embedding_weight: only a bi-encoder teacher"):
         tiny_spec(tmp_path, sample_data, teachers=[teacher])
