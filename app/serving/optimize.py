@@ -63,7 +63,7 @@ def optimize_for_serving(ensemble_dir: Path, eval_pairs: list[Pair], *, threads:
             backend: {
                 "backend": backend,
                 "ms_per_question": round(times[backend], 3),
-                "map": _map(runner, eval_pairs),
+                "map": runner_map(runner, eval_pairs),
                 "batch_drift": _batch_drift(runner, eval_pairs[:BATCH_CHECK_PAIRS]),
             }
             for backend, runner in runners.items()
@@ -137,7 +137,8 @@ def _load_candidates(
     return runners, failed
 
 
-def _map(runner: EnsembleRunner, pairs: list[Pair]) -> float:
+def runner_map(runner: EnsembleRunner, pairs: list[Pair]) -> float:
+    """MAP of a runner's scores over labelled pairs."""
     scores = runner.score([p.question for p in pairs], [p.passage for p in pairs])
     return ranking_metrics([p.qid for p in pairs], scores.scores.tolist(), [int(p.label) for p in pairs])["map"]
 

@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 
 from app.distill.biencoder import load_bi_encoder
 from app.distill.data import read_pairs
-from app.distill.devices import resolve_device
 from app.distill.hooks import Hooks
 from app.distill.spec import TeacherSpec
 from app.distill.teachers import prepare_teacher
-from tests.unit.helpers import MAX_LENGTH, Recorder, make_tiny_base, tiny_data, tiny_spec
+from tests.unit.helpers import MAX_LENGTH, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
 def _prepare(
@@ -27,7 +26,7 @@ def _prepare(
         train_pairs=read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs,
         out_dir=tmp_path / "run",
         cache_dir=None,
-        device=resolve_device("cpu"),
+        device=TEST_DEVICE,
         hooks=hooks or Hooks(),
         checkpoint_every=100,
         teacher_dirs=teacher_dirs,
@@ -80,8 +79,8 @@ def test_keep_base_is_off_by_default_and_below_one() -> None:
 def _base_distance(tmp_path: Path, sample_data: Path, weights: dict) -> float:
     """Mean squared distance between unit embeddings of the training texts under `weights` and the base's."""
     base = make_tiny_base(tmp_path)
-    reference, tokenizer = load_bi_encoder(base, resolve_device("cpu"))
-    tuned, _ = load_bi_encoder(base, resolve_device("cpu"))
+    reference, tokenizer = load_bi_encoder(base, TEST_DEVICE)
+    tuned, _ = load_bi_encoder(base, TEST_DEVICE)
     tuned.encoder.load_state_dict(weights)
     pairs = read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs
     texts = sorted({text for p in pairs for text in (p.question, p.passage)})
@@ -131,7 +130,7 @@ def test_a_soup_averages_earlier_teachers_and_keeps_part_of_their_base(tmp_path:
     assert not torch.allclose(weights["a"][name], weights["b"][name])
     torch.testing.assert_close(mixed[name], 0.2 * base[name] + 0.4 * weights["a"][name] + 0.4 * weights["b"][name])
     assert recorder.messages("weights averaged over a, b, 0.2 of")
-    assert load_bi_encoder(soup, resolve_device("cpu"))[1] is not None  # a whole model folder, tokenizer too
+    assert load_bi_encoder(soup, TEST_DEVICE)[1] is not None  # a whole model folder, tokenizer too
 
 
 @pytest.mark.parametrize(
@@ -186,7 +185,7 @@ def test_a_soup_keeps_only_a_base_of_its_own_architecture(tmp_path: Path, sample
             train_pairs=[],
             out_dir=tmp_path / "run",
             cache_dir=None,
-            device=resolve_device("cpu"),
+            device=TEST_DEVICE,
             hooks=Hooks(),
             checkpoint_every=100,
             teacher_dirs=folders,
