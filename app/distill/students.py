@@ -194,7 +194,8 @@ def calibrate_heads(student: nn.Module, relevance: Tensor, labels: Tensor) -> No
     heads, members and teachers by P(relevant) needs both. relevance [N, H] are the heads' logits.
     """
     fits = [platt_scaling(relevance[:, h], labels) for h in range(relevance.shape[1])]
-    scale, shift = torch.tensor([f[0] for f in fits]), torch.tensor([f[1] for f in fits])
+    device = next(student.parameters()).device  # the fits are CPU floats; the heads may be on a GPU
+    scale, shift = (torch.tensor([f[i] for f in fits], device=device) for i in (0, 1))
     with torch.no_grad():
         if isinstance(student, BiEncoderStudent):
             student.heads.weight.mul_(scale[:, None])
