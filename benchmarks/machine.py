@@ -4,6 +4,8 @@ import os
 import platform
 from pathlib import Path
 
+import torch
+
 # The vector extensions that set the speed of int8 and fp32 inference: hosts of the same "AMD EPYC, 2 cores"
 # VM kind ran the same int8 students 1.5-2.3x apart (one of them had AVX2 alone, no VNNI).
 VECTOR_FLAGS = {
@@ -34,8 +36,6 @@ def describe_machine() -> str:
             f"model {fields.get('model', '?')}; {vector})"
         )
     described = f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
-    import torch
-
     if torch.cuda.is_available():
         described += f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return described

@@ -43,7 +43,7 @@ import httpx
 import numpy as np
 import torch
 from machine import describe_machine
-from serve import CACHE, SHARED, Run, Student, compute_ceiling, free_port, prepare_service, questions_with_passages
+from serve import CACHE, SHARED, Run, Student, free_port, measure_in_process, prepare_service, questions_with_passages
 from serve import start_server as start_qadistill
 
 from app.distill.data import Pair, read_pairs
@@ -162,7 +162,7 @@ def measure_qadistill(ensemble: Path, dev: list[Pair], requests: list) -> dict:
     """The student registered and served by qadistill over HTTP, and its in-process ceiling."""
     home = CACHE / "peers-home"
     headers, serving, artifacts = prepare_service([Student(MODEL, ensemble)], dev, home)
-    ceiling = compute_ceiling(artifacts[MODEL], requests)
+    in_process = measure_in_process(artifacts[MODEL], requests, dev)
     port = free_port()
     server = start_qadistill(home, port)
     try:
@@ -170,7 +170,7 @@ def measure_qadistill(ensemble: Path, dev: list[Pair], requests: list) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return result | {"ceiling_qps": ceiling, "backend": serving[MODEL]["backend"]}
+    return result | {"ceiling_qps": in_process["ceiling_qps"], "backend": serving[MODEL]["backend"]}
 
 
 def measure_infinity(executable: Path, folder: Path, dev: list[Pair], requests: list) -> dict:

@@ -172,7 +172,7 @@ def prepare_service(
     return {"Authorization": f"Bearer {token}"}, serving, artifacts
 
 
-def compute_ceiling(artifact: Path, requests: list[tuple[str, list[str]]], eval_pairs: list[Pair]) -> dict:
+def measure_in_process(artifact: Path, requests: list[tuple[str, list[str]]], eval_pairs: list[Pair]) -> dict:
     """Questions per second the served form scores in process when saturated (no HTTP, no load generator), its
     backend and its MAP on `eval_pairs` (on CUDA the service's fp16 form is not one registration measured).
 
@@ -294,7 +294,7 @@ def measure_students(
     home = CACHE / "serve-home"
     headers, serving, artifacts = prepare_service(students, eval_pairs, home)
     for student in students:
-        serving[student.name] |= compute_ceiling(artifacts[student.name], requests, eval_pairs)
+        serving[student.name] |= measure_in_process(artifacts[student.name], requests, eval_pairs)
     port = free_port()
     server = start_server(home, port)
     runs = []

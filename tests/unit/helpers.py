@@ -20,10 +20,11 @@ from app.distill.spec import PipelineSpec
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_LENGTH = 32
-# Where the pipeline tests train: the CPU by default; QADISTILL_TEST_DEVICE=cuda runs them on a GPU (bf16 autocast,
-# pinned copies), the code path CI has no GPU for.
+# Where the pipeline and teacher tests train: the CPU by default; QADISTILL_TEST_DEVICE=cuda runs them on a GPU (bf16
+# autocast, pinned copies), the code path CI has no GPU for. Tests that look inside a model compare on the CPU.
 TEST_DEVICE_NAME = os.environ.get("QADISTILL_TEST_DEVICE", "cpu")
 TEST_DEVICE = resolve_device(TEST_DEVICE_NAME)
+CPU = resolve_device("cpu")
 
 
 def minilm_folder() -> Path:

@@ -19,7 +19,7 @@ from app.distill.data import read_pairs
 from app.distill.export import load_member
 from app.distill.soft_labels import teacher_soft_labels
 from app.distill.spec import DEFAULT_EMBEDDING_WEIGHT
-from tests.unit.helpers import TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
+from tests.unit.helpers import CPU, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
 def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sample_data: Path) -> None:
@@ -230,7 +230,7 @@ def test_keep_start_averages_a_stage_with_the_weights_it_started_from(tmp_path: 
 def _distance_to_base(member: Path, base: Path, texts: list[str]) -> float:
     """Mean squared distance between a bi-encoder student's unit text embeddings and its base's."""
     student = load_member(member).eval()
-    reference, tokenizer = load_bi_encoder(base, TEST_DEVICE)
+    reference, tokenizer = load_bi_encoder(base, CPU)
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.inference_mode():
         mine = student.embed(encoded["input_ids"], encoded["attention_mask"])

@@ -14,7 +14,7 @@ from app.distill.data import read_pairs
 from app.distill.hooks import Hooks
 from app.distill.spec import TeacherSpec
 from app.distill.teachers import prepare_teacher
-from tests.unit.helpers import MAX_LENGTH, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
+from tests.unit.helpers import CPU, MAX_LENGTH, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
 def _prepare(
@@ -79,8 +79,8 @@ def test_keep_base_is_off_by_default_and_below_one() -> None:
 def _base_distance(tmp_path: Path, sample_data: Path, weights: dict) -> float:
     """Mean squared distance between unit embeddings of the training texts under `weights` and the base's."""
     base = make_tiny_base(tmp_path)
-    reference, tokenizer = load_bi_encoder(base, TEST_DEVICE)
-    tuned, _ = load_bi_encoder(base, TEST_DEVICE)
+    reference, tokenizer = load_bi_encoder(base, CPU)
+    tuned, _ = load_bi_encoder(base, CPU)
     tuned.encoder.load_state_dict(weights)
     pairs = read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs
     texts = sorted({text for p in pairs for text in (p.question, p.passage)})
@@ -130,7 +130,7 @@ def test_a_soup_averages_earlier_teachers_and_keeps_part_of_their_base(tmp_path:
     assert not torch.allclose(weights["a"][name], weights["b"][name])
     torch.testing.assert_close(mixed[name], 0.2 * base[name] + 0.4 * weights["a"][name] + 0.4 * weights["b"][name])
     assert recorder.messages("weights averaged over a, b, 0.2 of")
-    assert load_bi_encoder(soup, TEST_DEVICE)[1] is not None  # a whole model folder, tokenizer too
+    assert load_bi_encoder(soup, CPU)[1] is not None  # a whole model folder, tokenizer too
 
 
 @pytest.mark.parametrize(

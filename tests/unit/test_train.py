@@ -14,8 +14,9 @@ from app.distill.pipeline import distillation_loss
 from app.distill.spec import StudentSpec
 from app.distill.students import MultiHeadStudent, build_student
 from app.distill.train import TrainConfig, count_steps, train
-from tests.unit.helpers import MAX_LENGTH, TEST_DEVICE, make_tiny_base, tiny_data
+from tests.unit.helpers import MAX_LENGTH, make_tiny_base, tiny_data
 
+CPU = resolve_device("cpu")
 LOSS = functools.partial(distillation_loss, temperature=2.0, alpha=0.5)
 FRUIT = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear"]
 VEHICLES = ["car", "truck", "train", "plane", "boat", "bus", "bike", "ship"]
@@ -59,7 +60,7 @@ def test_a_student_learns_a_separable_task(tmp_path: Path) -> None:
         loss_fn=LOSS,
         config=TrainConfig(learning_rate=3e-3, batch_size=16, epochs=8, seed=0, log_every=6),
         checkpoint_dir=tmp_path / "ckpt",
-        device=TEST_DEVICE,
+        device=CPU,
         hooks=hooks,
     )
 
@@ -103,7 +104,7 @@ def run_stage(base: Path, pairs: list[Pair], checkpoint_dir: Path, hooks: Hooks)
         loss_fn=LOSS,
         config=TrainConfig(learning_rate=1e-3, batch_size=8, epochs=3, seed=5, checkpoint_every=4),
         checkpoint_dir=checkpoint_dir,
-        device=TEST_DEVICE,
+        device=CPU,
         hooks=hooks,
     )
     return student
@@ -190,7 +191,7 @@ def test_heads_learn_at_their_own_rate(tmp_path: Path) -> None:
             loss_fn=LOSS,
             config=TrainConfig(learning_rate=1e-5, batch_size=16, epochs=2, seed=0, head_learning_rate=head_rate),
             checkpoint_dir=tmp_path / f"ckpt-{head_rate}",
-            device=TEST_DEVICE,
+            device=CPU,
             hooks=Hooks(),
         )
         end = student.state_dict()
