@@ -1,8 +1,8 @@
 #!/bin/bash
 # The checks that need a CUDA GPU, in one timed script: the pipeline and teacher unit tests on CUDA (bf16 autocast,
 # pinned copies), the quality benchmark's gpu preset (seed 0, every variant), the serving benchmark on the GPU
-# (fp16), then the preset's two more tmkd seeds while time is left. Each step's log goes to OUT as it finishes, so a run cut short
-# keeps what it did. Needs the bench extras and the data (QADISTILL_SHARED_DATA, default ../shared/data).
+# (fp16), then the preset's two more tmkd seeds while time is left. Each step's log goes to OUT as it finishes, so a
+# run cut short keeps what it did. Needs the bench extras and the data (QADISTILL_SHARED_DATA, default ../shared/data).
 #
 #     OUT=/tmp/gpu BUDGET=600 bash benchmarks/gpu_checks.sh
 set -u -o pipefail

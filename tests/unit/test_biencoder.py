@@ -9,12 +9,11 @@ from transformers import AutoModel, AutoTokenizer
 from app.distill.biencoder import COSINE_SCALE, BiEncoder, in_batch_ranking_loss, predict_bi_encoder_logits
 from app.distill.calibration import platt_scaling
 from app.distill.data import Pair, encode_separately
-from app.distill.devices import resolve_device
 from app.distill.hooks import Hooks
 from app.distill.pipeline import format_report, run_pipeline
 from app.distill.spec import StudentSpec
 from app.distill.students import build_student, calibrate_heads
-from tests.unit.helpers import MAX_LENGTH, Recorder, make_tiny_base, tiny_spec
+from tests.unit.helpers import CPU, MAX_LENGTH, Recorder, make_tiny_base, tiny_spec
 
 QUESTIONS = ["how are glacier caves formed ?", "who wrote hamlet ?", "who wrote hamlet ?"]
 PASSAGES = [
@@ -62,9 +61,7 @@ def test_soft_labels_of_a_bi_encoder_are_its_scaled_cosines(tmp_path: Path) -> N
     model = BiEncoder(AutoModel.from_pretrained(base)).eval()
     tokenizer = AutoTokenizer.from_pretrained(base)
     pairs = [Pair("q", q, p, None) for q, p in zip(QUESTIONS, PASSAGES, strict=True)]
-    logits = predict_bi_encoder_logits(
-        model, tokenizer, pairs, max_length=MAX_LENGTH, device=resolve_device("cpu"), hooks=Hooks()
-    )
+    logits = predict_bi_encoder_logits(model, tokenizer, pairs, max_length=MAX_LENGTH, device=CPU, hooks=Hooks())
     batch = encode_separately(pairs, tokenizer, MAX_LENGTH).collate([0, 1, 2])
     with torch.inference_mode():
         expected = model(**batch)

@@ -14,9 +14,8 @@ from app.distill.pipeline import distillation_loss
 from app.distill.spec import StudentSpec
 from app.distill.students import MultiHeadStudent, build_student
 from app.distill.train import TrainConfig, count_steps, train
-from tests.unit.helpers import MAX_LENGTH, make_tiny_base, tiny_data
+from tests.unit.helpers import CPU, MAX_LENGTH, make_tiny_base, tiny_data
 
-CPU = resolve_device("cpu")
 LOSS = functools.partial(distillation_loss, temperature=2.0, alpha=0.5)
 FRUIT = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear"]
 VEHICLES = ["car", "truck", "train", "plane", "boat", "bus", "bike", "ship"]
