@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             MINILM_SOUP,
         ],
         # 4 of 6 layers, the best 4-layer cut zero-shot on both dev sets: tmkd gains about 2 points in domain and 3 out
-        # of it over [0, 2, 5], and still costs 14x to 18x less CPU than the teachers together (the target is 10x).
+        # of it over [0, 2, 5], and still costs about 14x less CPU than the teachers together (the target is 10x).
         # max_length 128 (the spec's default): at 64 a sixth of stage 1's XQuAD pairs lose the end of their passage,
         # which their soft labels and reference embeddings were computed on.
         "student": {"kind": "bi-encoder", "init_from": "minilm-soup", "layers": [0, 1, 3, 5], "max_length": 128},
