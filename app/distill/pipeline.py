@@ -35,7 +35,7 @@ from app.distill.manifest import json_safe
 from app.distill.metrics import ranking_metrics
 from app.distill.pretrained import resolve_model
 from app.distill.soft_labels import count_batches, reference_embeddings, teacher_soft_labels
-from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec
+from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec, TeacherSpec
 from app.distill.students import build_student, calibrate_heads, count_parameters
 from app.distill.teachers import load_teacher, prepare_teacher
 from app.distill.train import TrainConfig, count_steps, mix_weights, train
@@ -126,6 +126,7 @@ def run_pipeline(
             hooks=hooks,
             checkpoint_every=spec.checkpoint_every,
             teacher_dirs=teacher_dirs,
+            anchor=functools.partial(_base_embeddings, t, data, cache_dir, soft_cache, device, hooks),
         )
     soft, floors = _soft_labels(spec, data, teacher_dirs, cache_dir=soft_cache, device=device, hooks=hooks)
 
@@ -314,6 +315,18 @@ def _soft_labels(
     }
     hooks.progress(Progress("soft_labels", total, total))
     return found, floors
+
+
+def _base_embeddings(
+    teacher: TeacherSpec, data: _Data, cache_dir: Path | None, soft_cache: Path, device: Device, hooks: Hooks
+) -> dict[str, Tensor]:
+    """The teacher's base checkpoint's unit embeddings of the training pairs, which it keeps while it fine-tunes;
+    cached like the students' reference embeddings, so teachers of one base compute them once."""
+    base = resolve_model(teacher.base, cache_dir=cache_dir)
+    train = {"train": (data.train, data.sha256["train"])}
+    return reference_embeddings(
+        base, train, max_length=teacher.max_length, cache_dir=soft_cache, device=device, hooks=hooks
+    )["train"]
 
 
 def _floor_bases(spec: PipelineSpec) -> list[str]:

@@ -101,7 +101,7 @@ def reference_embeddings(
             texts, questions, passages = text_index(pairs)
             if model is None:
                 model, tokenizer = load_bi_encoder(folder, device)
-            hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name} for the students")
+            hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name}")
             cached = {
                 "vectors": embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks),
                 "question_index": questions,

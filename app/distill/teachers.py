@@ -8,7 +8,7 @@ import functools
 import hashlib
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -38,11 +38,15 @@ def prepare_teacher(
     hooks: Hooks,
     checkpoint_every: int,
     teacher_dirs: Mapping[str, Path] | None = None,
+    anchor: Callable[[], Mapping[str, Tensor]] | None = None,
 ) -> Path:
     """The teacher's model folder: `spec.path` when ready-made, else fine-tuned (or, for a soup, averaged
     from the folders of `teacher_dirs` it names) into out_dir/teachers/<name>.
 
-    A teacher already saved there by an earlier run is reused; an interrupted training resumes.
+    A teacher already saved there by an earlier run is reused; an interrupted training resumes. `anchor`: the
+    base's unit embeddings of the training pairs (`question_embedding`, `passage_embedding`) for a teacher with
+    an embedding_weight, from the caller when it has them cached (teachers of one base share them), else
+    computed here.
     """
     stage = f"teacher:{spec.name}"
     if spec.path is not None:
@@ -84,17 +88,21 @@ def prepare_teacher(
         targets = {"labels": labels, "group": question_of}
         loss_fn = in_batch_ranking_loss
         if spec.embedding_weight:
-            # The model holds the base's weights still: its embeddings now are the ones to keep.
-            hooks.event(stage, "embedding the training texts with the base checkpoint for the teacher to keep")
-            questions, passages = embed_pairs(
-                model.to(device.torch_device),
-                tokenizer,
-                train_pairs,
-                max_length=spec.max_length,
-                device=device,
-                hooks=hooks,
-            )
-            targets |= {"question_embedding": questions, "passage_embedding": passages}
+            if anchor is not None:
+                base_embeddings = anchor()
+            else:
+                # The model holds the base's weights still: its embeddings now are the ones to keep.
+                hooks.event(stage, "embedding the training texts with the base checkpoint for the teacher to keep")
+                questions, passages = embed_pairs(
+                    model.to(device.torch_device),
+                    tokenizer,
+                    train_pairs,
+                    max_length=spec.max_length,
+                    device=device,
+                    hooks=hooks,
+                )
+                base_embeddings = {"question_embedding": questions, "passage_embedding": passages}
+            targets |= {key: base_embeddings[key] for key in ("question_embedding", "passage_embedding")}
             loss_fn = functools.partial(in_batch_ranking_loss, embedding_weight=spec.embedding_weight)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(

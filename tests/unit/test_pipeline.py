@@ -19,7 +19,7 @@ from app.distill.data import read_pairs
 from app.distill.export import load_member
 from app.distill.soft_labels import teacher_soft_labels
 from app.distill.spec import DEFAULT_EMBEDDING_WEIGHT
-from tests.unit.helpers import CPU, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
+from tests.unit.helpers import CPU, MAX_LENGTH, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
 def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sample_data: Path) -> None:
@@ -66,12 +66,16 @@ def test_every_variant_with_two_students_each_runs_end_to_end(tmp_path: Path, sa
 def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path, sample_data: Path) -> None:
     spec = tiny_spec(tmp_path, sample_data)
     cache = tmp_path / "cache"
-    first = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache)
+    recorder = Recorder()
+    first = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache, hooks=recorder.hooks())
     cached = {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")}
+    # Both teachers keep their base's embeddings of the training texts: one pass of the base, cached, serves both.
+    anchors = recorder.messages(f"-len{MAX_LENGTH}.safetensors")
+    assert [message.split(": ")[1].split()[0] for message in anchors] == ["embedded", "reused"]
     # 2 teachers x train, eval, unlabeled; the base's zero-shot floor on eval
     assert len(list((cache / "soft-labels").rglob("*.safetensors"))) == 7
-    # the embeddings the student matches in stage 1 (unlabeled) and stage 2 (train)
-    assert len(list((cache / "embeddings").rglob("*.safetensors"))) == 2
+    # the embeddings the teachers keep (train), and those the student matches in stage 1 and stage 2
+    assert len(list((cache / "embeddings").rglob("*.safetensors"))) == 3
 
     recorder = Recorder()
     again = run_pipeline(spec, out_dir=tmp_path / "out", cache_dir=cache, hooks=recorder.hooks())
@@ -79,7 +83,7 @@ def test_a_second_run_reuses_the_soft_labels_and_finished_stages(tmp_path: Path,
     assert {f: f.stat().st_mtime_ns for f in cache.rglob("*.safetensors")} == cached
     assert len(recorder.messages("reused cached soft labels")) == 7
     assert len(recorder.messages("reused cached embeddings")) == 2
-    assert not recorder.messages("for the students")
+    assert not recorder.messages("texts of")
     assert len(recorder.messages("already trained")) == 4  # 2 teachers, stage 1, stage 2
     assert [r["map"] for r in again.metrics["rows"]] == [r["map"] for r in first.metrics["rows"]]
 
@@ -254,7 +258,7 @@ def test_embedding_weight_pulls_the_students_embeddings_towards_the_reference(
         out_dir=tmp_path / "b",
         hooks=recorder.hooks(),
     )
-    assert recorder.messages("for the students")
+    assert recorder.messages("texts of train with")
     pairs = read_pairs(Path(tiny_data(tmp_path, sample_data)["train"])).pairs
     texts = sorted({text for p in pairs for text in (p.question, p.passage)})
     before = _distance_to_base(plain.model_dir / "member-0", base, texts)
@@ -285,7 +289,7 @@ def test_a_soup_of_the_teachers_is_a_teacher_and_the_students_source(tmp_path: P
     result = run_pipeline(spec, out_dir=tmp_path / "out", hooks=recorder.hooks())
 
     assert recorder.messages("weights averaged over teacher-a, teacher-b, 0.5 of")
-    assert recorder.messages("with soup for the students")  # the student is cut from the soup and matches it
+    assert recorder.messages("texts of train with soup")  # the student is cut from the soup and matches it
     weights = {name: load_file(folder / "model.safetensors") for name, folder in result.teacher_dirs.items()}
     layer = "encoder.layer.1.attention.output.dense.weight"
     base = load_file(Path(spec.teachers[0].base) / "model.safetensors")[layer]
