@@ -26,7 +26,15 @@ from transformers import AutoConfig
 
 from app.distill.biencoder import COSINE_SCALE, BiEncoder
 from app.distill.calibration import calibrated, platt_scaling
-from app.distill.data import Pair, encode_pairs, file_sha256, group_by_question, iter_batches, read_pairs
+from app.distill.data import (
+    Pair,
+    cluster_questions,
+    encode_pairs,
+    file_sha256,
+    group_by_question,
+    iter_batches,
+    read_pairs,
+)
 from app.distill.devices import Device, resolve_device
 from app.distill.export import StudentEnsemble, save_ensemble
 from app.distill.hooks import Hooks, Progress
@@ -430,8 +438,10 @@ def _train_variant(
             if name not in encoded:
                 encoded[name] = encode_pairs(pairs, tokenizer, spec.student.max_length)
             groups = group_by_question(pairs) if listwise else None
+            clusters = None
             if groups is not None:
                 targets = targets | {"group": _question_index(groups, len(pairs))}
+                clusters = cluster_questions(pairs, groups)
             stage = member_stage(name, variant, i, spec.ensemble_size)
             loss_fn = functools.partial(
                 listwise_distillation_loss if listwise else distillation_loss,
@@ -461,6 +471,7 @@ def _train_variant(
                 device=device,
                 hooks=hooks,
                 groups=groups,
+                clusters=clusters,
             )
             if start is not None:
                 mix_weights(student, start, stage_spec.keep_start)

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.distill.biencoder import COSINE_SCALE, mean_pool
+from app.distill.biencoder import COSINE_SCALE, by_length, mean_pool
 from app.distill.calibration import platt_scaling
 from app.distill.spec import StudentSpec
 
@@ -129,29 +129,36 @@ class BiEncoderStudent(nn.Module):
         """Unit-length question and passage vectors [B, D] each, every side encoded alone by `embed`.
 
         The question is the pair's `[CLS] question [SEP]`, the passage its `passage [SEP]` behind a [CLS] of
-        its own. A question the batch holds more than once (a listwise batch holds each question's
-        candidates) is encoded once.
+        its own. A side the batch holds more than once (a listwise batch holds each question's candidates;
+        questions about one paragraph share its sentences) is encoded once.
         """
         side, real = token_type_ids, attention_mask.bool()
         question_length = ((side == 0) & real).sum(dim=1)
         passage_length = ((side == 1) & real).sum(dim=1) + 1  # with its [CLS]
         q_columns = torch.arange(int(question_length.max()), device=input_ids.device)
         q_mask = q_columns[None, :] < question_length[:, None]
-        questions, inverse = torch.unique(input_ids[:, : len(q_columns)] * q_mask, dim=0, return_inverse=True)
-        unique_mask = torch.zeros_like(questions, dtype=torch.bool)
-        unique_mask[inverse] = q_mask
         p_columns = torch.arange(int(passage_length.max()), device=input_ids.device)
         p_mask = p_columns[None, :] < passage_length[:, None]
         source = (question_length[:, None] + p_columns[None, :] - 1).clamp(0, input_ids.shape[1] - 1)
         passages = torch.where(p_columns[None, :] == 0, self.cls_token_id, input_ids.gather(1, source)) * p_mask
-        return self.embed(questions, unique_mask)[inverse], self.embed(passages, p_mask)
+        return self._embed_once(input_ids[:, : len(q_columns)] * q_mask, q_mask), self._embed_once(passages, p_mask)
+
+    def _embed_once(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """`embed` of right-padded rows (zero past the mask), each distinct row computed once."""
+        rows, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        unique_mask = torch.zeros_like(rows, dtype=torch.bool)
+        unique_mask[inverse] = mask
+        return self.embed(rows, unique_mask)[inverse]
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Unit-length vectors [B, D] of single sides, each tokenised `[CLS] text [SEP]` (token types 0).
 
         A side's vector equals the one `encode` gives it inside a pair with the same side tokens: serving
-        encodes each distinct question and passage once this way (app/distill/scoring.py).
+        encodes each distinct question and passage once this way (app/distill/scoring.py). Rows are right-padded.
         """
+        return by_length(self._embed, input_ids, attention_mask)
+
+    def _embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
         hidden = self._layers(hidden, attention_mask.bool()[:, None, None, :])  # [B, 1, 1, T]
         return mean_pool(hidden, attention_mask.bool())

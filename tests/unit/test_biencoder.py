@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from app.distill.biencoder import COSINE_SCALE, BiEncoder, in_batch_ranking_loss, predict_bi_encoder_logits
+from app.distill.biencoder import (
+    COSINE_SCALE,
+    BiEncoder,
+    by_length,
+    in_batch_ranking_loss,
+    predict_bi_encoder_logits,
+)
 from app.distill.calibration import platt_scaling
 from app.distill.data import Pair, encode_separately
 from app.distill.hooks import Hooks
@@ -42,6 +48,27 @@ def test_the_student_encodes_each_side_exactly_as_if_alone(tmp_path: Path) -> No
         logits = student(**pairs)
     assert logits.shape == (3, 1, 2)
     torch.testing.assert_close(logits[:, 0, 1], COSINE_SCALE * (question * passage).sum(-1))
+
+
+def test_a_batch_of_short_and_long_texts_embeds_in_chunks_as_in_one_padded_pass(tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path, num_layers=2)
+    model, tokenizer = BiEncoder(AutoModel.from_pretrained(base)).eval(), AutoTokenizer.from_pretrained(base)
+    texts = [" ".join(["ice"] * (1 + (7 * i) % 23)) for i in range(40)]  # 1 to 23 words, shuffled lengths
+    batch = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+    widths = []
+
+    def embed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        widths.append(input_ids.shape)
+        return model._embed(input_ids, attention_mask)
+
+    with torch.inference_mode():
+        chunked = by_length(embed, batch["input_ids"], batch["attention_mask"], rows=8)
+        whole = model._embed(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+    assert [rows for rows, _ in widths] == [8] * 5
+    # Each chunk padded to its own longest text, not the batch's: little more than the real tokens.
+    real, whole = int(batch["attention_mask"].sum()), batch["input_ids"].numel()
+    assert sum(rows * width for rows, width in widths) <= 1.2 * real < 0.7 * whole
 
 
 def test_a_bi_encoder_student_needs_an_init_model_and_token_types(tmp_path: Path, sample_data: Path) -> None:

@@ -156,3 +156,20 @@ def test_a_bi_encoder_student_reads_each_side_of_a_pair_as_if_encoded_alone(tmp_
             expected = student.embed(alone["input_ids"], alone["attention_mask"])
             torch.testing.assert_close(questions[i], expected[0], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(passages[i], expected[1], atol=1e-6, rtol=1e-5)
+
+
+def test_a_bi_encoder_student_encodes_each_distinct_side_of_a_batch_once(tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    spec = StudentSpec(kind="bi-encoder", init_from=str(base), layers=[0, 1], max_length=MAX_LENGTH)
+    student, tokenizer = build_student(spec, HEADS, source_dir=base, tokenizer_dir=base, seed=0)
+    # Two questions about one paragraph, each with its two sentences: 2 questions and 2 passages to encode.
+    questions = [QUESTIONS[0]] * 2 + [QUESTIONS[2]] * 2
+    passages = PASSAGES[:2] * 2
+    pairs = tokenizer(questions, passages, padding=True, return_tensors="pt")
+    encoded_rows = []
+    student.encoder.embeddings.register_forward_hook(lambda _m, _args, out: encoded_rows.append(len(out)))
+    with torch.no_grad():
+        question, passage = student.eval().encode(**pairs)
+    assert sorted(encoded_rows) == [2, 2]
+    torch.testing.assert_close(passage[0], passage[2])
+    torch.testing.assert_close(question[0], question[1])
