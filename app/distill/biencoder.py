@@ -37,10 +37,10 @@ def by_length(
 
     A row's vector does not depend on its batch-mates, but its cost does: a batch pads every row to the longest, and
     a training batch of short and long texts spends half its compute or more on padding. On a GPU, one pass (its
-    cost is the number of kernel launches, not the padding).
+    cost is the number of kernel launches, not the padding), and when traced for export (one graph for any batch).
     """
     rows = rows or CPU_CHUNK_ROWS
-    if input_ids.device.type != "cpu" or len(input_ids) <= rows:
+    if input_ids.device.type != "cpu" or len(input_ids) <= rows or torch.jit.is_tracing():
         return embed(input_ids, attention_mask)
     lengths = attention_mask.sum(dim=1)
     order = torch.argsort(lengths, stable=True)
