@@ -428,6 +428,9 @@ def _train_variant(
     }
     stages.append(("stage2", spec.stage2, data.train, stage2_targets | reference.get("stage2", {})))
 
+    # Per stage, for every member: each question's pairs, and the questions that share passages (batched together).
+    grouped = {name: group_by_question(pairs) for name, _, pairs, _ in stages} if listwise else {}
+    clustered = {name: cluster_questions(pairs, grouped[name]) for name, _, pairs, _ in stages} if listwise else {}
     members, tokenizer, encoded = [], None, {}
     for i in range(spec.ensemble_size):
         seed = spec.seed + i
@@ -437,11 +440,9 @@ def _train_variant(
         for name, stage_spec, pairs, targets in stages:
             if name not in encoded:
                 encoded[name] = encode_pairs(pairs, tokenizer, spec.student.max_length)
-            groups = group_by_question(pairs) if listwise else None
-            clusters = None
+            groups = grouped.get(name)
             if groups is not None:
                 targets = targets | {"group": _question_index(groups, len(pairs))}
-                clusters = cluster_questions(pairs, groups)
             stage = member_stage(name, variant, i, spec.ensemble_size)
             loss_fn = functools.partial(
                 listwise_distillation_loss if listwise else distillation_loss,
@@ -471,7 +472,7 @@ def _train_variant(
                 device=device,
                 hooks=hooks,
                 groups=groups,
-                clusters=clusters,
+                clusters=clustered.get(name),
             )
             if start is not None:
                 mix_weights(student, start, stage_spec.keep_start)
