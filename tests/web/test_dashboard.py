@@ -109,7 +109,7 @@ def walk_through(service, page, screenshots, tmp_path, tmp_path_factory):
     }
     page.click("text=Jobs")
     # The box starts with the README's tiny job (examples/tiny-job.json).
-    page.wait_for_function("document.querySelector('[data-testid=spec]').value.includes('tiny-demo')")
+    page.wait_for_function("document.querySelector('[data-testid=spec]')?.value.includes('tiny-demo')")
     page.fill("[data-testid=spec]", json.dumps(spec))
     page.click("[data-testid=submit-job]")
     page.wait_for_selector("[data-testid=status] >> text=succeeded", timeout=JOB_TIMEOUT_MS)
