@@ -78,8 +78,14 @@ class BiEncoder(nn.Module):
         self, q_input_ids: Tensor, q_attention_mask: Tensor, p_input_ids: Tensor, p_attention_mask: Tensor
     ) -> Tensor:
         """Logits [B, 2] of each (question, passage) pair."""
-        cosine = (self.embed(q_input_ids, q_attention_mask) * self.embed(p_input_ids, p_attention_mask)).sum(-1)
-        return torch.stack([torch.zeros_like(cosine), self.scale * cosine], dim=-1)
+        questions = self.embed(q_input_ids, q_attention_mask)
+        return cosine_logits(questions, self.embed(p_input_ids, p_attention_mask), self.scale)
+
+
+def cosine_logits(questions: Tensor, passages: Tensor, scale: float = COSINE_SCALE) -> Tensor:
+    """2-class logits [N, 2] = [0, scale * cosine] of unit question and passage vectors [N, D]."""
+    cosine = (questions * passages).sum(-1)
+    return torch.stack([torch.zeros_like(cosine), scale * cosine], dim=-1)
 
 
 def in_batch_ranking_loss(model: BiEncoder, batch: dict[str, Tensor], embedding_weight: float = 0.0) -> Tensor:
@@ -116,24 +122,6 @@ def load_bi_encoder(folder: Path, device: Device) -> tuple[BiEncoder, PreTrained
     encoder = AutoModel.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
     model = BiEncoder(encoder).to(device.torch_device).eval()
     return model, AutoTokenizer.from_pretrained(folder)
-
-
-def predict_bi_encoder_logits(
-    model: BiEncoder,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[Pair],
-    *,
-    max_length: int,
-    device: Device,
-    hooks: Hooks,
-    on_batch: Callable[[], None] | None = None,
-) -> Tensor:
-    """Logits [N, 2] = [0, scale * cosine] of every pair; each distinct text is encoded once."""
-    questions, passages = embed_pairs(
-        model, tokenizer, pairs, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
-    )
-    cosine = (questions * passages).sum(-1)
-    return torch.stack([torch.zeros_like(cosine), model.scale * cosine], dim=-1)
 
 
 def embed_texts(

@@ -1,11 +1,12 @@
 """What the teachers say of every pair, computed once and cached: soft labels and reference embeddings.
 
-Cache layout: cache_dir/soft-labels/<teacher fingerprint>/<data sha256>-len<max_length>[-bi].safetensors,
-holding `logits` [N, 2] float32 (-bi: the folder scored as a bi-encoder, [0, scale * cosine]); and
-cache_dir/embeddings/<fingerprint>/<data sha256>-len<max_length>.safetensors, holding a bi-encoder's unit
-`vectors` [T, D] of the data's distinct texts and each pair's rows in it (`question_index`, `passage_index`,
-[N]). The fingerprint hashes the teacher's weights and the data hash the file's bytes, so stages, variants,
-resumed and later runs on the same teacher and data reuse one file.
+Cache layout: cache_dir/soft-labels/<teacher fingerprint>/<data sha256>-len<max_length>.safetensors, holding
+a cross-encoder's `logits` [N, 2] float32; and cache_dir/embeddings/<fingerprint>/<data sha256>-len<max_length>
+.safetensors, holding a bi-encoder's unit `vectors` [T, D] of the data's distinct texts and each pair's rows in
+it (`question_index`, `passage_index`, [N]). A bi-encoder's soft labels are its scaled cosines of those vectors:
+a student's reference embeddings and the soft labels of the teacher it was cut from are one pass. The
+fingerprint hashes the teacher's weights and the data hash the file's bytes, so stages, variants, resumed and
+later runs on the same teacher and data reuse one file.
 """
 
 import logging
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from app.distill.biencoder import embed_texts, load_bi_encoder, predict_bi_encoder_logits, text_index
+from app.distill.biencoder import cosine_logits, embed_texts, load_bi_encoder, text_index
 from app.distill.data import EncodedPairs, Pair, encode_pairs, iter_batches
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks
@@ -29,12 +30,9 @@ log = logging.getLogger(__name__)
 INFERENCE_BATCH = 64
 
 
-def soft_labels_path(
-    cache_dir: Path, fingerprint: str, data_sha256: str, max_length: int, kind: str = "cross-encoder"
-) -> Path:
-    """Where a teacher's logits on one data set are cached."""
-    suffix = "-bi" if kind == "bi-encoder" else ""
-    return cache_dir / "soft-labels" / fingerprint / f"{data_sha256}-len{max_length}{suffix}.safetensors"
+def soft_labels_path(cache_dir: Path, fingerprint: str, data_sha256: str, max_length: int) -> Path:
+    """Where a cross-encoder teacher's logits on one data set are cached."""
+    return cache_dir / "soft-labels" / fingerprint / f"{data_sha256}-len{max_length}.safetensors"
 
 
 def teacher_soft_labels(
@@ -51,13 +49,25 @@ def teacher_soft_labels(
     """One teacher's logits [N, 2] on each named data set (pairs, data sha256), from the cache or computed.
 
     The teacher is loaded only when some data set is not cached yet; on_batch is called per computed batch.
+    A bi-encoder's logits are [0, scale * cosine] of its cached embeddings (`reference_embeddings`).
     """
+    if kind == "bi-encoder":
+        embedded = reference_embeddings(
+            teacher_dir,
+            datasets,
+            max_length=max_length,
+            cache_dir=cache_dir,
+            device=device,
+            hooks=hooks,
+            on_batch=on_batch,
+        )
+        return {name: cosine_logits(e["question_embedding"], e["passage_embedding"]) for name, e in embedded.items()}
     fingerprint = teacher_fingerprint(teacher_dir)
     stage = "soft_labels"
     found: dict[str, Tensor] = {}
     model = tokenizer = None
     for name, (pairs, data_sha) in datasets.items():
-        path = soft_labels_path(cache_dir, fingerprint, data_sha, max_length, kind)
+        path = soft_labels_path(cache_dir, fingerprint, data_sha, max_length)
         cached = _read_cached(path, len(pairs))
         if cached is not None:
             hooks.event(stage, f"{teacher_dir.name} on {name}: reused cached soft labels {path}")
@@ -65,13 +75,9 @@ def teacher_soft_labels(
             continue
         if model is None:
             model, tokenizer = load_teacher(teacher_dir, device, kind)
-        if kind == "bi-encoder":
-            logits = predict_bi_encoder_logits(
-                model, tokenizer, pairs, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
-            )
-        else:
-            encodings = encode_pairs(pairs, tokenizer, max_length)
-            logits = predict_logits(model, encodings, device=device, hooks=hooks, on_batch=on_batch)
+        logits = predict_logits(
+            model, encode_pairs(pairs, tokenizer, max_length), device=device, hooks=hooks, on_batch=on_batch
+        )
         _write_atomically(path, {"logits": logits}, teacher=fingerprint, data=data_sha, max_length=max_length)
         hooks.event(stage, f"{teacher_dir.name} on {name}: computed {len(pairs)} soft labels into {path}")
         found[name] = logits
@@ -86,6 +92,7 @@ def reference_embeddings(
     cache_dir: Path,
     device: Device,
     hooks: Hooks,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """A bi-encoder's unit embeddings of each pair's question and passage ([N, D] each, as `question_embedding`
     and `passage_embedding`) on each named data set (pairs, data sha256), from the cache or computed."""
@@ -103,7 +110,9 @@ def reference_embeddings(
                 model, tokenizer = load_bi_encoder(folder, device)
             hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name}")
             cached = {
-                "vectors": embed_texts(model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks),
+                "vectors": embed_texts(
+                    model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
+                ),
                 "question_index": questions,
                 "passage_index": passages,
             }

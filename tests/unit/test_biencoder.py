@@ -11,12 +11,11 @@ from app.distill.biencoder import (
     BiEncoder,
     by_length,
     in_batch_ranking_loss,
-    predict_bi_encoder_logits,
 )
 from app.distill.calibration import platt_scaling
 from app.distill.data import Pair, encode_separately
-from app.distill.hooks import Hooks
 from app.distill.pipeline import format_report, run_pipeline
+from app.distill.soft_labels import reference_embeddings, teacher_soft_labels
 from app.distill.spec import StudentSpec
 from app.distill.students import build_student, calibrate_heads
 from tests.unit.helpers import CPU, MAX_LENGTH, Recorder, make_tiny_base, tiny_spec
@@ -83,17 +82,27 @@ def test_a_bi_encoder_student_needs_an_init_model_and_token_types(tmp_path: Path
         student(**batch)
 
 
-def test_soft_labels_of_a_bi_encoder_are_its_scaled_cosines(tmp_path: Path) -> None:
+def test_soft_labels_of_a_bi_encoder_are_its_scaled_cosines_from_one_cached_pass(tmp_path: Path) -> None:
     base = make_tiny_base(tmp_path)
     model = BiEncoder(AutoModel.from_pretrained(base)).eval()
     tokenizer = AutoTokenizer.from_pretrained(base)
     pairs = [Pair("q", q, p, None) for q, p in zip(QUESTIONS, PASSAGES, strict=True)]
-    logits = predict_bi_encoder_logits(model, tokenizer, pairs, max_length=MAX_LENGTH, device=CPU, hooks=Hooks())
+    common = {"max_length": MAX_LENGTH, "cache_dir": tmp_path / "cache", "device": CPU}
+    recorder = Recorder()
+    logits = teacher_soft_labels(base, {"train": (pairs, "sha")}, kind="bi-encoder", hooks=recorder.hooks(), **common)
     batch = encode_separately(pairs, tokenizer, MAX_LENGTH).collate([0, 1, 2])
     with torch.inference_mode():
         expected = model(**batch)
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
-    assert (logits[:, 0] == 0).all()
+    torch.testing.assert_close(logits["train"], expected, atol=1e-5, rtol=1e-4)
+    assert (logits["train"][:, 0] == 0).all()
+    assert recorder.messages("embedded 5 texts")  # each distinct text once: "who wrote hamlet ?" is asked twice
+
+    # A student cut from this teacher matches its embeddings of the same pairs: the pass is not made again.
+    recorder = Recorder()
+    reference = reference_embeddings(base, {"train": (pairs, "sha")}, hooks=recorder.hooks(), **common)["train"]
+    assert recorder.messages("reused cached embeddings") and not recorder.messages("embedded")
+    cosine = (reference["question_embedding"] * reference["passage_embedding"]).sum(-1)
+    torch.testing.assert_close(logits["train"][:, 1], COSINE_SCALE * cosine)
 
 
 def test_the_in_batch_ranking_loss_falls_as_a_bi_encoder_trains(tmp_path: Path) -> None:
