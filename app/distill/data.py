@@ -406,31 +406,6 @@ def questions_per_batch(num_pairs: int, num_questions: int, batch_size: int) -> 
     return max(1, round(batch_size * num_questions / max(1, num_pairs)))
 
 
-def cluster_questions(pairs: Sequence[Pair], groups: Sequence[Sequence[int]]) -> list[list[int]]:
-    """The questions (indices into groups) in sets linked by a passage they share, in first-seen order.
-
-    Unlabelled data built from reading-comprehension sets pairs every question about a paragraph with each of
-    its sentences: batched together, those questions let a student encode each shared sentence once.
-    """
-    parent = list(range(len(groups)))
-
-    def root(q: int) -> int:
-        while parent[q] != q:
-            parent[q] = parent[parent[q]]
-            q = parent[q]
-        return q
-
-    first_asker: dict[str, int] = {}
-    for q, members in enumerate(groups):
-        for i in members:
-            other = first_asker.setdefault(pairs[i].passage, q)
-            parent[root(q)] = root(other)
-    clusters: dict[int, list[int]] = {}
-    for q in range(len(groups)):
-        clusters.setdefault(root(q), []).append(q)
-    return list(clusters.values())
-
-
 def group_batches(
     groups: Sequence[Sequence[int]],
     *,
@@ -438,26 +413,16 @@ def group_batches(
     shuffle: bool,
     seed: int,
     epoch: int = 0,
-    clusters: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Batches of `questions` whole questions each (their pair indices); deterministic for (seed, epoch).
 
-    Ranking losses compare a question's candidates with each other, so a question is never split. With
-    `clusters` (cluster_questions'), the questions of a cluster come one after another, clusters and the
-    questions within each in random order.
+    Ranking losses compare a question's candidates with each other, so a question is never split.
     """
     if questions < 1:
         raise ValueError(f"questions must be >= 1, got {questions}")
-    rng = np.random.default_rng([seed, epoch]) if shuffle else None
-    if clusters is None:
-        order = np.arange(len(groups))
-        if rng is not None:
-            rng.shuffle(order)
-    else:
-        parts = [np.array(cluster, dtype=np.int64) for cluster in clusters]
-        if rng is not None:
-            parts = [rng.permutation(parts[c]) for c in rng.permutation(len(parts))]
-        order = np.concatenate(parts) if parts else np.arange(0)
+    order = np.arange(len(groups))
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
     return [
         [i for g in order[start : start + questions] for i in groups[g]] for start in range(0, len(order), questions)
     ]

@@ -90,13 +90,11 @@ def train(
     device: Device,
     hooks: Hooks,
     groups: list[list[int]] | None = None,
-    clusters: list[list[int]] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `encodings` (targets indexed like the pairs), resuming from `checkpoint_dir`.
 
     With `groups` (the pair indices of each question), a batch holds whole questions, about
-    config.batch_size pairs, for ranking losses; with `clusters` too, the questions of a cluster are batched
-    together (data.group_batches). A finished stage is not redone: its final weights are
+    config.batch_size pairs, for ranking losses. A finished stage is not redone: its final weights are
     loaded. Raises Cancelled, after saving a checkpoint, when hooks.should_cancel returns True.
     """
     if groups is None:
@@ -137,9 +135,7 @@ def train(
         if groups is None:
             batches = iter_batches(encodings, batch_size=config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
         else:
-            batches = group_batches(
-                groups, questions=per_batch, shuffle=True, seed=config.seed, epoch=epoch, clusters=clusters
-            )
+            batches = group_batches(groups, questions=per_batch, shuffle=True, seed=config.seed, epoch=epoch)
         while position < len(batches) and step < total:
             if hooks.cancel_requested():
                 _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, epoch, position)

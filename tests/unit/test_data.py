@@ -15,7 +15,6 @@ from app.distill.data import (
     DataError,
     EncodedPairs,
     Pair,
-    cluster_questions,
     encode_pairs,
     file_sha256,
     group_batches,
@@ -347,21 +346,3 @@ def test_group_batches_keep_questions_whole_and_cover_every_pair_once() -> None:
     assert group_batches(groups, questions=3, shuffle=False, seed=0) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
     assert questions_per_batch(num_pairs=100, num_questions=10, batch_size=32) == 3
 
-
-def test_questions_sharing_a_passage_are_batched_together() -> None:
-    # q0 and q2 share "s1", q2 and q3 share "s3": one paragraph's questions; q1 and q4 stand alone.
-    texts = [("q0", "s1"), ("q0", "s2"), ("q1", "t1"), ("q2", "s1"), ("q2", "s3"), ("q3", "s3"), ("q4", "u1")]
-    pairs = [Pair(qid=q, question=q, passage=p, label=None) for q, p in texts]
-    groups = group_by_question(pairs)
-    clusters = cluster_questions(pairs, groups)
-    assert sorted(sorted(c) for c in clusters) == [[0, 2, 3], [1], [4]]
-    for epoch in range(4):
-        batches = group_batches(groups, questions=1, shuffle=True, seed=0, epoch=epoch, clusters=clusters)
-        order = [pairs[b[0]].qid for b in batches]
-        assert sorted(order) == ["q0", "q1", "q2", "q3", "q4"]
-        at = [order.index(q) for q in ("q0", "q2", "q3")]
-        assert max(at) - min(at) == 2, order  # the paragraph's questions one after another
-    assert batches == group_batches(groups, questions=1, shuffle=True, seed=0, epoch=3, clusters=clusters)
-    orders = {tuple(map(tuple, group_batches(groups, questions=1, shuffle=True, seed=0, epoch=e, clusters=clusters)))
-              for e in range(8)}
-    assert len(orders) > 1
