@@ -421,8 +421,8 @@ def _train_variant(
     stages.append(("stage2", spec.stage2, data.train, stage2_targets | reference.get("stage2", {})))
 
     # Per stage, for every member: each question's pairs. Batches draw whole questions at random: batched a
-    # paragraph at a time (each shared sentence encoded once, stage 1 twice as fast) the students' TrecQA MAP spread
-    # 2 points between seeds, 0.4 or less with random batches (benchmarks/results/quality.md).
+    # paragraph at a time (each shared sentence encoded once, stage 1 twice as fast) tmkd lost 0.8 points of TrecQA
+    # MAP on the same teachers, two of its three seeds under MiniLM's floor (benchmarks/results/quality.md).
     grouped = {name: group_by_question(pairs) for name, _, pairs, _ in stages} if listwise else {}
     members, tokenizer, encoded = [], None, {}
     for i in range(spec.ensemble_size):
