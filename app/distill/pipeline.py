@@ -12,6 +12,7 @@ out_dir/
 """
 
 import functools
+import hashlib
 import json
 import statistics
 import time
@@ -318,14 +319,23 @@ def _soft_labels(
 
 
 def _base_embeddings(
-    teacher: TeacherSpec, data: _Data, cache_dir: Path | None, soft_cache: Path, device: Device, hooks: Hooks
+    teacher: TeacherSpec,
+    data: _Data,
+    cache_dir: Path | None,
+    soft_cache: Path,
+    device: Device,
+    hooks: Hooks,
+    rows: list[int] | None,
 ) -> dict[str, Tensor]:
-    """The teacher's base checkpoint's unit embeddings of the training pairs, which it keeps while it fine-tunes;
-    cached like the students' reference embeddings, so teachers of one base compute them once."""
+    """The teacher's base checkpoint's unit embeddings of the training pairs at `rows` (None: all), which it keeps
+    while it fine-tunes; cached like the students' reference embeddings, so teachers of one base compute them once."""
     base = resolve_model(teacher.base, cache_dir=cache_dir)
-    train = {"train": (data.train, data.sha256["train"])}
+    pairs, sha = data.train, data.sha256["train"]
+    if rows is not None:
+        pairs = [pairs[i] for i in rows]
+        sha = hashlib.sha256(f"{sha}:rows:{','.join(map(str, rows))}".encode()).hexdigest()
     return reference_embeddings(
-        base, train, max_length=teacher.max_length, cache_dir=soft_cache, device=device, hooks=hooks
+        base, {"train": (pairs, sha)}, max_length=teacher.max_length, cache_dir=soft_cache, device=device, hooks=hooks
     )["train"]
 
 

@@ -9,11 +9,12 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from app.distill.biencoder import load_bi_encoder
-from app.distill.data import read_pairs
+from app.distill.biencoder import embed_pairs, load_bi_encoder
+from app.distill.data import group_by_question, read_pairs
 from app.distill.hooks import Hooks
 from app.distill.spec import TeacherSpec
 from app.distill.teachers import prepare_teacher
+from app.distill.train import TrainConfig, pairs_read
 from tests.unit.helpers import CPU, MAX_LENGTH, TEST_DEVICE, Recorder, make_tiny_base, tiny_data, tiny_spec
 
 
@@ -98,6 +99,45 @@ def test_embedding_weight_keeps_a_bi_encoder_teacher_near_its_base(tmp_path: Pat
 
     assert any("for the teacher to keep" in message for _, message in recorder.events)
     assert _base_distance(tmp_path, sample_data, anchored) < 0.5 * _base_distance(tmp_path, sample_data, free)
+
+
+@pytest.mark.parametrize("max_steps", [1, 3])
+def test_a_teacher_reading_under_half_its_pairs_embeds_only_those(
+    tmp_path: Path, sample_data: Path, max_steps: int
+) -> None:
+    pairs = read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs
+    base = make_tiny_base(tmp_path)
+    model, tokenizer = load_bi_encoder(base, CPU)
+    questions, passages = embed_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, device=CPU, hooks=Hooks())
+    asked: list[list[int] | None] = []
+
+    def anchor(rows: list[int] | None) -> dict[str, torch.Tensor]:
+        asked.append(rows)
+        picked = torch.arange(len(pairs)) if rows is None else torch.tensor(rows)
+        return {"question_embedding": questions[picked], "passage_embedding": passages[picked]}
+
+    spec = TeacherSpec(
+        name=f"t{max_steps}", base=str(base), batch_size=8, max_length=MAX_LENGTH, max_steps=max_steps, seed=4
+    )
+    prepare_teacher(
+        spec,
+        train_pairs=pairs,
+        out_dir=tmp_path / "run",
+        cache_dir=None,
+        device=CPU,
+        hooks=Hooks(),
+        checkpoint_every=100,
+        anchor=anchor,
+    )
+
+    config = TrainConfig(
+        learning_rate=spec.learning_rate, batch_size=8, epochs=spec.epochs, seed=4, max_steps=max_steps
+    )
+    read = pairs_read(config, group_by_question(pairs), len(pairs))
+    if 2 * len(read) < len(pairs):  # one step of 8 pairs: embed those only
+        assert max_steps == 1 and asked == [read]
+    else:  # most of the pairs: all of them, one cached set for every teacher of the base
+        assert max_steps == 3 and asked == [None]
 
 
 def test_embedding_weight_is_for_bi_encoder_teachers(tmp_path: Path, sample_data: Path) -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.distill.data import Pair, encode_pairs, read_pairs
+from app.distill.data import Pair, encode_pairs, group_by_question, read_pairs
 from app.distill.devices import resolve_device
 from app.distill.hooks import Cancelled, Hooks
 from app.distill.pipeline import distillation_loss
 from app.distill.spec import StudentSpec
 from app.distill.students import MultiHeadStudent, build_student
-from app.distill.train import TrainConfig, count_steps, train
+from app.distill.train import TrainConfig, count_steps, pairs_read, train
 from tests.unit.helpers import CPU, MAX_LENGTH, make_tiny_base, tiny_data
 
 LOSS = functools.partial(distillation_loss, temperature=2.0, alpha=0.5)
@@ -159,6 +159,38 @@ def test_count_steps_covers_fractional_epochs_and_caps_at_max_steps() -> None:
     assert count_steps(10, 4, 1.0) == 3
     assert count_steps(10, 4, 2.5) == 8
     assert count_steps(10, 4, 2.5, max_steps=5) == 5
+
+
+@pytest.mark.parametrize(("epochs", "max_steps"), [(0.25, None), (1.5, None), (3.0, 2)])
+def test_pairs_read_are_the_pairs_a_question_batched_stage_trains_on(
+    tmp_path: Path, sample_data: Path, epochs: float, max_steps: int | None
+) -> None:
+    pairs = read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs
+    groups = group_by_question(pairs)
+    config = TrainConfig(learning_rate=1e-3, batch_size=8, epochs=epochs, seed=3, max_steps=max_steps)
+    seen: set[int] = set()
+
+    def record(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.update(batch["row"].tolist())
+        return model.weight.sum() * 0.0
+
+    _, tokenizer = tiny_student(make_tiny_base(tmp_path))
+    train(
+        torch.nn.Linear(1, 1),
+        stage="teacher:test",
+        encodings=encode_pairs(pairs, tokenizer, MAX_LENGTH),
+        targets={"row": torch.arange(len(pairs))},
+        loss_fn=record,
+        config=config,
+        checkpoint_dir=tmp_path / "ckpt",
+        device=CPU,
+        hooks=Hooks(),
+        groups=groups,
+    )
+
+    read = pairs_read(config, groups, len(pairs))
+    assert read == sorted(seen)
+    assert (len(read) == len(pairs)) == (epochs >= 1 and max_steps is None)
 
 
 def test_auto_picks_the_cpu_without_a_gpu_and_cuda_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
