@@ -77,7 +77,6 @@ def prepare_teacher(
     torch.manual_seed(spec.seed)  # the new classifier head's initialisation
     labels = torch.tensor([p.label for p in train_pairs], dtype=torch.long)
     groups = None
-    # float32 master weights whatever the checkpoint holds: AdamW on half-precision weights loses updates.
     config = TrainConfig(
         learning_rate=spec.learning_rate,
         batch_size=spec.batch_size,
@@ -86,6 +85,7 @@ def prepare_teacher(
         max_steps=spec.max_steps,
         checkpoint_every=checkpoint_every,
     )
+    # float32 master weights whatever the checkpoint holds: AdamW on half-precision weights loses updates.
     if spec.kind == "bi-encoder":
         model: nn.Module = BiEncoder(AutoModel.from_pretrained(base, use_safetensors=True, dtype=torch.float32))
         encodings = encode_separately(train_pairs, tokenizer, spec.max_length)

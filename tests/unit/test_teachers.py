@@ -19,11 +19,16 @@ from tests.unit.helpers import CPU, MAX_LENGTH, TEST_DEVICE, Recorder, make_tiny
 
 
 def _prepare(
-    tmp_path: Path, sample_data: Path, hooks: Hooks | None = None, teacher_dirs: dict | None = None, **fields: Any
+    tmp_path: Path,
+    sample_data: Path,
+    hooks: Hooks | None = None,
+    teacher_dirs: dict | None = None,
+    anchor: Any = None,
+    **fields: Any,
 ) -> Path:
-    spec = TeacherSpec(base=str(make_tiny_base(tmp_path)), batch_size=8, max_length=MAX_LENGTH, max_steps=3, **fields)
+    fields = {"base": str(make_tiny_base(tmp_path)), "batch_size": 8, "max_length": MAX_LENGTH, "max_steps": 3} | fields
     return prepare_teacher(
-        spec,
+        TeacherSpec(**fields),
         train_pairs=read_pairs(tiny_data(tmp_path, sample_data)["train"]).pairs,
         out_dir=tmp_path / "run",
         cache_dir=None,
@@ -31,6 +36,7 @@ def _prepare(
         hooks=hooks or Hooks(),
         checkpoint_every=100,
         teacher_dirs=teacher_dirs,
+        anchor=anchor,
     )
 
 
@@ -116,28 +122,14 @@ def test_a_teacher_reading_under_half_its_pairs_embeds_only_those(
         picked = torch.arange(len(pairs)) if rows is None else torch.tensor(rows)
         return {"question_embedding": questions[picked], "passage_embedding": passages[picked]}
 
-    spec = TeacherSpec(
-        name=f"t{max_steps}", base=str(base), batch_size=8, max_length=MAX_LENGTH, max_steps=max_steps, seed=4
-    )
-    prepare_teacher(
-        spec,
-        train_pairs=pairs,
-        out_dir=tmp_path / "run",
-        cache_dir=None,
-        device=CPU,
-        hooks=Hooks(),
-        checkpoint_every=100,
-        anchor=anchor,
-    )
+    _prepare(tmp_path, sample_data, anchor=anchor, name=f"t{max_steps}", max_steps=max_steps, seed=4)
 
-    config = TrainConfig(
-        learning_rate=spec.learning_rate, batch_size=8, epochs=spec.epochs, seed=4, max_steps=max_steps
-    )
+    config = TrainConfig(learning_rate=2e-5, batch_size=8, epochs=1.0, seed=4, max_steps=max_steps)
     read = pairs_read(config, group_by_question(pairs), len(pairs))
-    if 2 * len(read) < len(pairs):  # one step of 8 pairs: embed those only
-        assert max_steps == 1 and asked == [read]
-    else:  # most of the pairs: all of them, one cached set for every teacher of the base
-        assert max_steps == 3 and asked == [None]
+    # One step of 8 pairs reads under half: those only. Three read most: all of them, one cached set for every
+    # teacher of the base.
+    assert (2 * len(read) < len(pairs)) == (max_steps == 1)
+    assert asked == [read if max_steps == 1 else None]
 
 
 def test_embedding_weight_is_for_bi_encoder_teachers(tmp_path: Path, sample_data: Path) -> None:
