@@ -9,6 +9,7 @@ starts from nothing the checkpoint learned).
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,11 @@ class BiEncoder(nn.Module):
         self.encoder = encoder
         self.scale = scale
 
+    @property
+    def width(self) -> int:
+        """The embeddings' dimension D."""
+        return self.encoder.config.hidden_size
+
     def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Unit-length text embeddings [B, D] of right-padded rows."""
         return by_length(self._embed, input_ids, attention_mask)
@@ -80,6 +86,17 @@ class BiEncoder(nn.Module):
         """Logits [B, 2] of each (question, passage) pair."""
         questions = self.embed(q_input_ids, q_attention_mask)
         return cosine_logits(questions, self.embed(p_input_ids, p_attention_mask), self.scale)
+
+
+class TextEncoder(Protocol):
+    """What embed_texts runs: a BiEncoder, or its export on ONNX Runtime (app/distill/onnx_runtime.py)."""
+
+    @property
+    def width(self) -> int:
+        """The embeddings' dimension D."""
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Unit-length text embeddings [B, D] of right-padded rows."""
 
 
 def cosine_logits(questions: Tensor, passages: Tensor, scale: float = COSINE_SCALE) -> Tensor:
@@ -125,7 +142,7 @@ def load_bi_encoder(folder: Path, device: Device) -> tuple[BiEncoder, PreTrained
 
 
 def embed_texts(
-    model: BiEncoder,
+    model: TextEncoder,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
@@ -137,8 +154,9 @@ def embed_texts(
     """Unit-length embeddings [N, D] (float32, CPU) of `texts`, in order, batched by length."""
     ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
     encoded = EncodedPairs(input_ids=ids, token_type_ids=None, pad_token_id=tokenizer.pad_token_id or 0)
-    out = torch.empty(len(texts), model.encoder.config.hidden_size)
-    model.eval()
+    out = torch.empty(len(texts), model.width)
+    if isinstance(model, nn.Module):
+        model.eval()
     with torch.inference_mode():
         for indices in iter_batches(encoded, batch_size=INFERENCE_BATCH, shuffle=False, seed=0):
             if hooks.cancel_requested():

@@ -6,7 +6,8 @@ a cross-encoder's `logits` [N, 2] float32; and cache_dir/embeddings/<fingerprint
 it (`question_index`, `passage_index`, [N]). A bi-encoder's soft labels are its scaled cosines of those vectors:
 a student's reference embeddings and the soft labels of the teacher it was cut from are one pass. The
 fingerprint hashes the teacher's weights and the data hash the file's bytes, so stages, variants, resumed and
-later runs on the same teacher and data reuse one file.
+later runs on the same teacher and data reuse one file. On the CPU a bi-encoder's pass runs on ONNX Runtime
+(app/distill/onnx_runtime.py), on a GPU in torch.
 """
 
 import logging
@@ -18,11 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.distill.biencoder import cosine_logits, embed_texts, load_bi_encoder, text_index
+from app.distill.biencoder import TextEncoder, cosine_logits, embed_texts, load_bi_encoder, text_index
 from app.distill.data import EncodedPairs, Pair, encode_pairs, iter_batches
 from app.distill.devices import Device
 from app.distill.hooks import Cancelled, Hooks
+from app.distill.onnx_runtime import OnnxTextEncoder, onnx_text_encoder
 from app.distill.teachers import load_teacher, teacher_fingerprint
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,9 @@ def reference_embeddings(
         else:
             texts, questions, passages = text_index(pairs)
             if model is None:
-                model, tokenizer = load_bi_encoder(folder, device)
-            hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name}")
+                model, tokenizer = _text_encoder(folder, device, cache_dir)
+            runtime = "ONNX Runtime" if isinstance(model, OnnxTextEncoder) else "torch"
+            hooks.event("soft_labels", f"embedding {len(texts)} texts of {name} with {folder.name} on {runtime}")
             cached = {
                 "vectors": embed_texts(
                     model, tokenizer, texts, max_length=max_length, device=device, hooks=hooks, on_batch=on_batch
@@ -124,6 +128,16 @@ def reference_embeddings(
             "passage_embedding": vectors[cached["passage_index"]],
         }
     return found
+
+
+def _text_encoder(
+    folder: Path, device: Device, cache_dir: Path
+) -> tuple[TextEncoder, PreTrainedTokenizerBase]:
+    """The bi-encoder in the model folder for inference: on the CPU exported to ONNX Runtime (faster), else torch."""
+    model, tokenizer = load_bi_encoder(folder, device)
+    if device.is_cuda:
+        return model, tokenizer
+    return onnx_text_encoder(model, tokenizer, cache_dir / "onnx") or model, tokenizer
 
 
 def predict_logits(

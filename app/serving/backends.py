@@ -8,7 +8,6 @@ and passage encoded once, the heads applied to the unit vectors in numpy): its O
 encoder, with outputs named `embeddings` instead of `logits`.
 """
 
-import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from transformers import AutoTokenizer
 
 from app.distill.export import StudentEnsemble, load_ensemble, read_cosine_heads
 from app.distill.manifest import EnsembleManifest, read_manifest
+from app.distill.onnx_runtime import onnx_session
 from app.distill.scoring import (
     DEFAULT_CHUNK_PAIRS,
     Batch,
@@ -33,7 +33,6 @@ from app.distill.scoring import (
     score_encoded,
     torch_member,
 )
-from app.distill.students import BiEncoderStudent
 from app.serving.pooled import FirstTokenStudent, supports_first_token
 
 log = logging.getLogger(__name__)
@@ -123,47 +122,6 @@ def onnx_runner(ensemble_dir: Path, manifest: EnsembleManifest, backend: str, *,
     return EnsembleRunner(backend, encoder, members, list(manifest.heads), size, pool=pool)
 
 
-class SideEncoder(nn.Module):
-    """A bi-encoder student's side encoder: forward(input_ids, attention_mask) -> unit vectors [B, D]."""
-
-    def __init__(self, student: BiEncoderStudent) -> None:
-        super().__init__()
-        self.student = student.eval()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-length vectors of single sides `[CLS] text [SEP]`."""
-        return self.student.embed(input_ids, attention_mask)
-
-
-def export_onnx(member: nn.Module, sample: dict[str, torch.Tensor], path: Path) -> None:
-    """Write one member as ONNX with dynamic batch and sequence axes (TorchScript-based exporter).
-
-    A bi-encoder member is written as its SideEncoder (output `embeddings`), which takes `sample`'s
-    input_ids and attention_mask as sides: any padded token rows trace the same graph.
-    """
-    output = "logits"
-    if isinstance(member, BiEncoderStudent):
-        member, output = SideEncoder(member), "embeddings"
-    # The exporter names graph inputs in forward()'s parameter order, whatever the order of `sample`.
-    names = [name for name in inspect.signature(member.forward).parameters if name in sample]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {output: {0: "batch"}}
-    tmp = path.with_suffix(".tmp")
-    # The dynamo exporter needs onnxscript, which is not a dependency; the TorchScript one handles
-    # these encoders, with outputs that match torch to ~1e-6.
-    torch.onnx.export(
-        member.eval(),
-        (),
-        str(tmp),
-        kwargs={name: sample[name] for name in names},
-        input_names=names,
-        output_names=[output],
-        dynamic_axes=axes,
-        opset_version=17,
-        dynamo=False,
-    )
-    os.replace(tmp, path)
-
-
 def quantize_onnx(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic int8 quantisation of a member's weights (activations quantised per batch).
 
@@ -224,18 +182,11 @@ def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
 
 def _onnx_member(path: Path, threads: int) -> Member:
     """A member's ONNX file in a session: its pair forward, or for a side encoder an EmbeddingMember."""
-    import onnxruntime as ort
-
     if not path.is_file():
         raise BackendError(f"{path} is missing: the ensemble was not optimised for ONNX Runtime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     # Idle threads sleep instead of spinning: on a few shared cores spinning steals the time that the
     # event loop, tokenisation and the other members need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, threads, spinning=False)
     wanted = [i.name for i in session.get_inputs()]
 
     def forward(batch: Batch) -> np.ndarray:

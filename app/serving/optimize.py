@@ -23,11 +23,11 @@ from app.distill.data import Pair
 from app.distill.export import StudentEnsemble, load_ensemble
 from app.distill.manifest import EnsembleManifest, ServingChoice, read_manifest, write_manifest
 from app.distill.metrics import ranking_metrics
+from app.distill.onnx_runtime import export_onnx
 from app.serving.backends import (
     CPU_BACKENDS,
     ONNX_FILES,
     EnsembleRunner,
-    export_onnx,
     load_runner,
     member_dirs,
     quantize_onnx,

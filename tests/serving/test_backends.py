@@ -9,9 +9,9 @@ import torch
 from app.distill.data import Pair
 from app.distill.export import load_ensemble
 from app.distill.manifest import read_manifest
+from app.distill.onnx_runtime import export_onnx
 from app.serving.backends import (
     ONNX_FILES,
-    export_onnx,
     load_runner,
     quantize_onnx,
     serving_module,

@@ -15,10 +15,11 @@ import torch
 
 from app.distill.data import Pair
 from app.distill.export import load_ensemble, save_ensemble
+from app.distill.onnx_runtime import export_onnx
 from app.distill.scoring import EmbeddingMember, score_encoded, split_sides, torch_forward
 from app.distill.spec import StudentSpec
 from app.distill.students import build_student
-from app.serving.backends import CPU_BACKENDS, ONNX_FILES, export_onnx, load_runner, quantize_onnx
+from app.serving.backends import CPU_BACKENDS, ONNX_FILES, load_runner, quantize_onnx
 from app.serving.optimize import optimize_for_serving
 from tests.unit.helpers import make_tiny_base
 

@@ -10,10 +10,13 @@ from app.distill.biencoder import (
     COSINE_SCALE,
     BiEncoder,
     by_length,
+    embed_pairs,
     in_batch_ranking_loss,
+    load_bi_encoder,
 )
 from app.distill.calibration import platt_scaling
 from app.distill.data import Pair, encode_separately
+from app.distill.hooks import Hooks
 from app.distill.pipeline import format_report, run_pipeline
 from app.distill.soft_labels import reference_embeddings, teacher_soft_labels
 from app.distill.spec import StudentSpec
@@ -103,6 +106,46 @@ def test_soft_labels_of_a_bi_encoder_are_its_scaled_cosines_from_one_cached_pass
     assert recorder.messages("reused cached embeddings") and not recorder.messages("embedded")
     cosine = (reference["question_embedding"] * reference["passage_embedding"]).sum(-1)
     torch.testing.assert_close(logits["train"][:, 1], COSINE_SCALE * cosine)
+
+
+def _pairs_of_many_lengths(count: int) -> list[Pair]:
+    """More texts than one CPU chunk holds, of many lengths: each chunk is padded to its own width."""
+    return [Pair(str(i), f"question {i} " + "why ? " * (i % 7), "words " * (1 + i % 11), None) for i in range(count)]
+
+
+def test_on_a_cpu_reference_embeddings_run_on_onnx_runtime_and_equal_torchs(tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    pairs = _pairs_of_many_lengths(40)
+    recorder = Recorder()
+    cache = tmp_path / "cache"
+    found = reference_embeddings(
+        base, {"train": (pairs, "sha")}, max_length=MAX_LENGTH, cache_dir=cache, device=CPU, hooks=recorder.hooks()
+    )["train"]
+    model, tokenizer = load_bi_encoder(base, CPU)
+    expected = embed_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, device=CPU, hooks=Hooks())
+
+    assert recorder.messages("on ONNX Runtime")
+    torch.testing.assert_close(found["question_embedding"], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(found["passage_embedding"], expected[1], atol=1e-5, rtol=1e-4)
+    assert not list((cache / "onnx").rglob("*.onnx"))  # the exported graph is not left on disk
+
+
+def test_a_bi_encoder_the_exporter_cannot_trace_embeds_with_torch(tmp_path: Path, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    base = make_tiny_base(tmp_path)
+    pairs = _pairs_of_many_lengths(40)
+    recorder = Recorder()
+    found = reference_embeddings(
+        base, {"train": (pairs, "sha")}, max_length=MAX_LENGTH, cache_dir=tmp_path, device=CPU, hooks=recorder.hooks()
+    )["train"]
+    model, tokenizer = load_bi_encoder(base, CPU)
+    expected = embed_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, device=CPU, hooks=Hooks())
+
+    assert recorder.messages("on torch") and not recorder.messages("on ONNX Runtime")
+    torch.testing.assert_close(found["question_embedding"], expected[0])
 
 
 def test_the_in_batch_ranking_loss_falls_as_a_bi_encoder_trains(tmp_path: Path) -> None:
