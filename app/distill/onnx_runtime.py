@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +48,25 @@ def export_onnx(member: nn.Module, sample: dict[str, Tensor], path: Path) -> Non
     names = [name for name in inspect.signature(member.forward).parameters if name in sample]
     axes = {name: {0: "batch", 1: "sequence"} for name in names} | {output: {0: "batch"}}
     tmp = path.with_suffix(".tmp")
-    # The dynamo exporter needs onnxscript, which is not a dependency; the TorchScript one handles
-    # these encoders, with outputs that match torch to ~1e-6.
-    torch.onnx.export(
-        member.eval(),
-        (),
-        str(tmp),
-        kwargs={name: sample[name] for name in names},
-        input_names=names,
-        output_names=[output],
-        dynamic_axes=axes,
-        opset_version=17,
-        dynamo=False,
-    )
+    # The dynamo exporter needs onnxscript, which is not a dependency; the TorchScript one handles these encoders,
+    # with outputs that match torch to ~1e-6. Its warnings are about the exporter and about Python branches on
+    # shapes that are the same for any padded batch of these encoders (the tests export batches of many lengths):
+    # nothing the user of a job can act on, so they stay out of the job's log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's, about itself
+        warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+        torch.onnx.export(
+            member.eval(),
+            (),
+            str(tmp),
+            kwargs={name: sample[name] for name in names},
+            input_names=names,
+            output_names=[output],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     os.replace(tmp, path)
 
 

@@ -1,5 +1,6 @@
 """Bi-encoders: the student that reads each side apart, zero-shot and fine-tuned teachers, calibration."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from app.distill.biencoder import (
 from app.distill.calibration import platt_scaling
 from app.distill.data import Pair, encode_separately
 from app.distill.hooks import Hooks
+from app.distill.onnx_runtime import onnx_text_encoder
 from app.distill.pipeline import format_report, run_pipeline
 from app.distill.soft_labels import reference_embeddings, teacher_soft_labels
 from app.distill.spec import StudentSpec
@@ -128,6 +130,15 @@ def test_on_a_cpu_reference_embeddings_run_on_onnx_runtime_and_equal_torchs(tmp_
     torch.testing.assert_close(found["question_embedding"], expected[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(found["passage_embedding"], expected[1], atol=1e-5, rtol=1e-4)
     assert not list((cache / "onnx").rglob("*.onnx"))  # the exported graph is not left on disk
+
+
+def test_exporting_a_bi_encoder_writes_no_warnings_into_the_jobs_log(tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path)
+    model, tokenizer = load_bi_encoder(base, CPU)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert onnx_text_encoder(model, tokenizer, tmp_path / "onnx") is not None
+    assert [str(w.message) for w in caught] == []
 
 
 def test_a_bi_encoder_the_exporter_cannot_trace_embeds_with_torch(tmp_path: Path, monkeypatch) -> None:
