@@ -1,9 +1,9 @@
 """ONNX export and ONNX Runtime sessions: for serving, and for the teachers' inference passes on the CPU.
 
 On a CPU, ONNX Runtime embeds the same chunks of text as torch 1.1-1.27x faster for all-mpnet-base-v2 and up to
-1.18x for all-MiniLM-L6-v2 (2-core AMD EPYC hosts, vectors equal to 3e-7; benchmarks/results/quality.md), so the
-pipeline's embedding passes (teachers' soft labels, their bases' anchors and floors, a student's reference
-embeddings) run there: `onnx_text_encoder`.
+1.18x for all-MiniLM-L6-v2 (2-core AMD EPYC hosts, vectors equal to 1.3e-6 or better; benchmarks/results/
+quality.md), so the pipeline's embedding passes (teachers' soft labels, their bases' anchors and floors, a
+student's reference embeddings) run there: `onnx_text_encoder`.
 """
 
 import inspect
