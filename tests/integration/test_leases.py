@@ -126,7 +126,9 @@ def test_whole_worker_killed_mid_job_is_taken_over_and_resumes(lease_stack, tiny
     erin = stack.caller(f"erin-{secrets.token_hex(3)}")
     upload(stack, erin, DEMO_FILE.read_bytes(), "demo")
     start_spare_worker(stack)
-    teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "max_steps": 400}
+    # 400 steps (30 an epoch): still training when killed after its first stored checkpoint, even on a fast host.
+    teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "epochs": 50}
+    teacher["max_steps"] = 400
     spec = tiny_spec(tiny_base, name="resumed", variants=["kd"], teachers=[teacher], checkpoint_every=10)
     spec["data"] = {"train": "demo", "eval": "demo"}
     job_id = stack.client.post("/v1/jobs", headers=erin.headers, json=spec).json()["id"]
@@ -254,9 +256,10 @@ def test_killed_pool_process_job_resumes_after_its_lease_expires(lease_stack, ti
     stack = lease_stack
     erin = stack.caller(f"erin-{secrets.token_hex(3)}")
     upload(stack, erin, DEMO_FILE.read_bytes(), "demo")
-    # Ten epochs of ~40 steps, at most 100: the teacher trains for seconds, long enough to be caught at it.
-    teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "epochs": 10}
-    teacher["max_steps"] = 100
+    # 400 steps (30 an epoch): several seconds even on a fast host, where 100 steps took under 2 s and the job
+    # finished between two polls; long enough to be caught training.
+    teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "epochs": 50}
+    teacher["max_steps"] = 400
     spec = tiny_spec(tiny_base, name="child", variants=["kd"], teachers=[teacher], checkpoint_every=10)
     spec["data"] = {"train": "demo", "eval": "demo"}
     job_id = stack.client.post("/v1/jobs", headers=erin.headers, json=spec).json()["id"]

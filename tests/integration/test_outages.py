@@ -113,7 +113,9 @@ def test_running_and_queued_jobs_survive_database_and_broker_restarts(servers, t
         assert client.post("/v1/datasets", headers=headers, files=files, data={"name": "demo"}).status_code == 201
         worker = start_worker(settings, log_path=log_path, extra_env={"OMP_NUM_THREADS": "1"})
         try:
-            teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "max_steps": 60}
+            # 400 steps (30 an epoch): still training when the servers go down, even on a fast host.
+            teacher = {"name": "long", "base": str(tiny_base), "max_length": 32, "batch_size": 4, "epochs": 50}
+            teacher["max_steps"] = 400
             spec = tiny_spec(tiny_base, name="survivor", variants=["kd"], teachers=[teacher], checkpoint_every=10)
             spec["data"] = {"train": "demo", "eval": "demo"}
             running = client.post("/v1/jobs", headers=headers, json=spec).json()["id"]
