@@ -41,6 +41,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "QADISTILL_MAX_TAKEOVERS": str(settings.max_takeovers),
         "QADISTILL_REQUEUE_AFTER_S": str(settings.requeue_after_s),
         "QADISTILL_CHECKPOINT_SYNC_S": str(settings.checkpoint_sync_s),
+        **({"QADISTILL_STUDENT_PROCESSES": str(settings.student_processes)} if settings.student_processes else {}),
         "QADISTILL_RETRY_MAX_S": str(settings.retry_max_s),
         "QADISTILL_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
         "QADISTILL_LOG_LEVEL": settings.log_level,

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     worker_concurrency: int = 1
+    student_processes: int | None = Field(
+        None,
+        ge=1,
+        description="On a CPU, the child processes a job's students train in side by side, one variant or more "
+        "each (1: all in the job's process). Unset: one per thread torch uses, when the students have 200 steps "
+        "or more.",
+    )
 
     # Upload and request limits.
     max_upload_bytes: int = 50 * 1024 * 1024

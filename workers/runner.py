@@ -61,10 +61,12 @@ class JobReporter:
     def __init__(self, settings: Settings, lease: Lease, keeper: LeaseKeeper, workspace: Workspace | None) -> None:
         self.database_url = settings.database_url
         self.retry_max_s = settings.retry_max_s
+        self.checkpoint_sync_s = settings.checkpoint_sync_s
         self.job_id = lease.job_id
         self.lease, self.keeper, self.workspace = lease, keeper, workspace
         self.stage = "prepare"
-        self.stage_started = time.monotonic()
+        # When each stage reported first, until it reports its last step: stages may run side by side.
+        self.stage_started: dict[str, float] = {}
         self.cache_mirror: CacheMirror | None = None
         self.fraction = 0.0
         self.points: list[tuple[str, int, str, float]] = []
@@ -95,28 +97,31 @@ class JobReporter:
         self.points += [
             (progress.stage, progress.step, name, float(v)) for name, v in values.items() if math.isfinite(v)
         ]
+        self.stage_started.setdefault(progress.stage, time.monotonic())
+        if progress.step >= progress.total:
+            self.end_stage(progress.stage)
         changed = progress.stage != self.stage
-        if changed:
-            self.end_stage()
         self.stage, self.fraction = progress.stage, progress.fraction
         if changed or time.monotonic() - self.last_flush >= FLUSH_INTERVAL_S:
             self.flush()
-        # Between two steps no checkpoint is half written: a safe moment to copy them.
-        self.sync_workspace()
 
     def on_event(self, stage: str, message: str) -> None:
         """Store a milestone at once (they are few)."""
         log.info("job %s [%s] %s", self.job_id, stage, message, extra={"job_id": self.job_id, "stage": stage})
         self.write(lambda s: job_runs.add_event(s, job_id=self.job_id, stage=stage, message=message, lease=self.lease))
-        self.sync_workspace()
         if stage == "soft_labels" and self.cache_mirror is not None:  # soft labels or embeddings are ready
             self.cache_mirror.push()
 
-    def end_stage(self) -> None:
-        """Time the stage that is ending (workers/metrics.py)."""
-        now = time.monotonic()
-        observe_stage(self.stage, now - self.stage_started)
-        self.stage_started = now
+    def end_stage(self, stage: str) -> None:
+        """Time a stage that reported its last step, once (workers/metrics.py)."""
+        started = self.stage_started.pop(stage, None)
+        if started is not None:
+            observe_stage(stage, time.monotonic() - started)
+
+    def end_stages(self) -> None:
+        """Time the stages the run leaves unfinished (it failed, was cancelled or lost its lease)."""
+        for stage in list(self.stage_started):
+            self.end_stage(stage)
 
     def should_cancel(self) -> bool:
         """Whether the job was asked to stop or its lease was lost; reads the database at most once a second."""
@@ -148,7 +153,14 @@ class JobReporter:
         """The hooks to hand to run_pipeline."""
         from app.distill.hooks import Hooks
 
-        return Hooks(on_progress=self.on_progress, on_event=self.on_event, should_cancel=self.should_cancel)
+        return Hooks(
+            on_progress=self.on_progress,
+            on_event=self.on_event,
+            should_cancel=self.should_cancel,
+            # The run's files are whole at a safe point: the moment to copy its checkpoints to the store.
+            on_safe_point=self.sync_workspace,
+            safe_point_every_s=self.checkpoint_sync_s,
+        )
 
 
 def json_finite(value: Any) -> Any:
@@ -260,7 +272,7 @@ class _Run:
                 outcome = _end(reporter, "failed", f"{type(err).__name__}: {err}", "pipeline_error")
         finally:
             self.keeper.stop()
-            reporter.end_stage()
+            reporter.end_stages()
             if self.workspace is not None:
                 self.workspace.discard_local()
         if outcome in FINISHED_STATUSES:
@@ -382,7 +394,12 @@ def execute_teacher(job_id: str, epoch: int, name: str, teachers: list[str], set
             out_dir=workspace.local,
             cache_dir=settings.cache_dir,
             device=resolve_device(spec.device),
-            hooks=Hooks(on_progress=on_progress, on_event=reporter.on_event, should_cancel=reporter.should_cancel),
+            hooks=Hooks(
+                on_progress=on_progress,
+                on_event=reporter.on_event,
+                should_cancel=reporter.should_cancel,
+                on_safe_point=reporter.sync_workspace,
+            ),
             checkpoint_every=spec.checkpoint_every,
         )
         workspace.sync()
@@ -463,6 +480,7 @@ def _finish(
             cache_dir=settings.cache_dir,
             hooks=reporter.hooks(),
             eval_names=eval_names,
+            processes=settings.student_processes,
         )
         workspace.sync()
         reporter.cache_mirror.push()

@@ -35,6 +35,7 @@ from app.distill.losses import embedding_loss, multi_head_listwise_loss, multi_h
 from app.distill.manifest import json_safe
 from app.distill.metrics import ranking_metrics
 from app.distill.pretrained import resolve_model
+from app.distill.side_by_side import plan, train_side_by_side
 from app.distill.soft_labels import count_batches, reference_embeddings, teacher_soft_labels
 from app.distill.spec import VARIANTS_WITH_STAGE1, PipelineSpec, StageSpec, TeacherSpec
 from app.distill.students import build_student, calibrate_heads, count_parameters
@@ -49,6 +50,7 @@ TIMING_REPEATS = 5
 EVAL_BATCH = 64
 # What a student batch carries besides the model's inputs.
 TARGET_KEYS = ("labels", "teacher_logits", "group", "question_embedding", "passage_embedding")
+STUDENT_STAGES = ("stage1:", "stage2:")
 
 
 @dataclass
@@ -92,11 +94,15 @@ def run_pipeline(
     cache_dir: Path | None = None,
     hooks: Hooks | None = None,
     eval_names: Sequence[str] | None = None,
+    processes: int | None = None,
 ) -> PipelineResult:
     """Run the whole distillation of `spec` (data paths are files) into out_dir; resumable and idempotent.
 
     Soft labels are cached under cache_dir (default out_dir/cache) and shared by later runs. eval_names
     name the evaluation sets in the report (default: each file's folder and stem, e.g. 'wikiqa/dev').
+    On a CPU the variants' students train side by side in up to `processes` child processes (None: one per
+    thread torch uses, when there are enough steps to gain from it; 1: in this process; see
+    app.distill.side_by_side).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +113,8 @@ def run_pipeline(
     caller.progress(Progress("prepare", 0, 1))
     data = _read_data(spec, eval_names)
     _claim_out_dir(out_dir, spec, data)
-    hooks = _pipeline_hooks(caller, _stage_weights(spec, data))
+    weights = _stage_weights(spec, data)
+    hooks = _pipeline_hooks(caller, weights)
     hooks.event(
         "prepare",
         f"{len(data.train)} labelled, {sum(map(len, data.evals.values()))} eval in {len(data.evals)} sets, "
@@ -134,10 +141,18 @@ def run_pipeline(
     source_dir = _student_source(spec, teacher_dirs, cache_dir)
     tokenizer_dir = source_dir or teacher_dirs[spec.teachers[0].name]
     reference = _reference_embeddings(spec, data, teacher_dirs, source_dir, soft_cache, device, hooks)
-    students = {
-        v: _train_variant(spec, v, data, soft, reference, source_dir, tokenizer_dir, out_dir, device, hooks)
-        for v in spec.variants
-    }
+    arguments = {
+        "spec": spec, "data": data, "soft": soft, "reference": reference, "source_dir": source_dir,
+        "tokenizer_dir": tokenizer_dir, "out_dir": out_dir, "device": device,
+    }  # fmt: skip
+    threads = torch.get_num_threads()
+    groups = plan(weights, spec.variants, threads, processes) if device.torch_device.type == "cpu" else []
+    student_hooks = hooks
+    if groups:
+        train_side_by_side(groups, arguments, threads=threads, hooks=hooks)
+        # Each stage is trained: the students load from their final checkpoints, without reporting again.
+        student_hooks = Hooks(should_cancel=hooks.should_cancel, on_safe_point=hooks.on_safe_point)
+    students = {v: train_variant(variant=v, hooks=student_hooks, **arguments) for v in spec.variants}
     tokenizer = next(iter(students.values()))[1]
     members = {v: m for v, (m, _) in students.items()}
 
@@ -243,22 +258,38 @@ def _stage_steps(stage: StageSpec, num_pairs: int) -> int:
 
 
 def _pipeline_hooks(hooks: Hooks, weights: dict[str, float]) -> Hooks:
-    """The caller's hooks, with progress carrying the pipeline's fraction done and events also logged."""
+    """The caller's hooks, with progress carrying the pipeline's fraction done.
+
+    Stages run in the order of `weights`, but the students' stages may run side by side: their part is the sum
+    of what each has done, so the fraction only grows.
+    """
     total = sum(weights.values()) or 1.0
     starts, cumulative = {}, 0.0
     for stage, weight in weights.items():
         starts[stage] = cumulative
         cumulative += weight
+    students = [stage for stage in weights if stage.startswith(STUDENT_STAGES)]
+    students_start = starts[students[0]] if students else 0.0
+    student_done: dict[str, float] = {}
 
     def on_progress(progress: Progress) -> None:
-        done = starts.get(progress.stage, 0.0) + weights.get(progress.stage, 0.0) * (
-            progress.step / max(1, progress.total)
-        )
+        part = weights.get(progress.stage, 0.0) * progress.step / max(1, progress.total)
+        if progress.stage.startswith(STUDENT_STAGES):
+            student_done[progress.stage] = part
+            done = students_start + sum(student_done.values())
+        else:
+            done = starts.get(progress.stage, 0.0) + part
         progress.fraction = min(1.0, done / total)
-        hooks.progress(progress)
+        if hooks.on_progress is not None:
+            hooks.on_progress(progress)
 
-    # Events go to the caller's hooks only: a caller that logs them (the worker) would otherwise log each twice.
-    return Hooks(on_progress=on_progress, on_event=hooks.event, should_cancel=hooks.should_cancel)
+    return Hooks(
+        on_progress=on_progress,
+        on_event=hooks.on_event,
+        should_cancel=hooks.should_cancel,
+        on_safe_point=hooks.on_safe_point,
+        safe_point_every_s=hooks.safe_point_every_s,
+    )
 
 
 def _soft_labels(
@@ -401,7 +432,8 @@ def _reference_embeddings(
     return {stage: found[key] for stage, key in wanted.items()}
 
 
-def _train_variant(
+def train_variant(
+    *,
     spec: PipelineSpec,
     variant: str,
     data: _Data,
@@ -412,11 +444,13 @@ def _train_variant(
     out_dir: Path,
     device: Device,
     hooks: Hooks,
+    calibrate: bool = True,
 ) -> tuple[list[nn.Module], Any]:
     """The variant's students (M-on-M: ensemble_size of them, seeds seed+i), each through its stages.
 
     With the listwise loss, batches hold whole questions and each student's heads are calibrated on the
-    training pairs at the end (a ranking loss leaves the level of the scores free).
+    training pairs at the end (a ranking loss leaves the level of the scores free); `calibrate` False leaves
+    them as trained (a child process of app.distill.side_by_side: the parent loads and calibrates them).
     """
     heads = [t.name for t in spec.teachers_for(variant)]
     listwise = spec.distill.loss == "listwise"
@@ -478,7 +512,7 @@ def _train_variant(
             )
             if start is not None:
                 mix_weights(student, start, stage_spec.keep_start)
-        if listwise:
+        if listwise and calibrate:
             _calibrate(student, data.train, encoded["stage2"], device)
         members.append(student)
     return members, tokenizer

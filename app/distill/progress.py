@@ -8,30 +8,30 @@ from app.distill.hooks import Hooks, Progress
 
 
 class ProgressBars:
-    """Draws the current stage's bar; `hooks()` gives the pipeline callbacks, `close()` ends the last bar."""
+    """A bar per running stage (students may train side by side); `hooks()` gives the pipeline callbacks,
+    `close()` ends the bars still open."""
 
     def __init__(self) -> None:
-        self._bar: tqdm | None = None
-        self._stage: str | None = None
+        self._bars: dict[str, tqdm] = {}
 
     def show(self, progress: Progress) -> None:
-        """Move the bar of progress.stage, starting a new bar when the stage changes."""
-        if progress.stage != self._stage:
-            self.close()
-            self._stage = progress.stage
-            self._bar = tqdm(total=progress.total, desc=progress.stage, unit="step")
-        assert self._bar is not None
-        self._bar.total = progress.total
-        self._bar.n = progress.step
+        """Move the bar of progress.stage, starting it on the stage's first report and closing it at its last step."""
+        bar = self._bars.get(progress.stage)
+        if bar is None:
+            bar = self._bars[progress.stage] = tqdm(total=progress.total, desc=progress.stage, unit="step")
+        bar.total = progress.total
+        bar.n = progress.step
         if progress.loss is not None:
-            self._bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)
-        self._bar.refresh()
+            bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)
+        bar.refresh()
+        if progress.step >= progress.total:
+            self._bars.pop(progress.stage).close()
 
     def close(self) -> None:
-        """Finish the current bar, if any."""
-        if self._bar is not None:
-            self._bar.close()
-        self._bar, self._stage = None, None
+        """Finish the bars still open, if any."""
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
 
     def hooks(self, should_cancel: Callable[[], bool] | None = None) -> Hooks:
         """Pipeline hooks that draw these bars and print events."""

@@ -38,7 +38,9 @@ def lease_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     workers a test adds are stopped at the end."""
     kind = getattr(request, "param", "postgres")
     home = tmp_path_factory.mktemp(f"leases-{kind}")
+    # student_processes 2: a job of two variants or more trains its students side by side in two child processes.
     overrides = {"lease_s": LEASE_S, "checkpoint_sync_s": 0.0, "requeue_after_s": 4.0, "max_takeovers": 3}
+    overrides["student_processes"] = 2
     for stack in _run_stack(kind, home, **overrides):
         spares: list[subprocess.Popen[bytes]] = []
         stack.spares = spares  # type: ignore[attr-defined]
@@ -110,6 +112,27 @@ def kill_lease_holder(stack: Stack, job_id: str) -> subprocess.Popen[bytes]:
     return survivor
 
 
+def kill_in_stage1(stack: Stack, caller: Any, tiny_base: Any, *, name: str, variants: list[str]) -> str:
+    """Submit a job whose tkd student has a long stage 1; kill the worker holding it once a stage-1 checkpoint of
+    tkd is in the artifact store (what another worker resumes from). The job's id."""
+    start_spare_worker(stack)
+    stage1 = {"batch_size": 1, "epochs": 50, "max_steps": 800, "learning_rate": 1e-4}
+    spec = tiny_spec(tiny_base, name=name, variants=variants, stage1=stage1, checkpoint_every=10)
+    job_id = stack.client.post("/v1/jobs", headers=caller.headers, json=spec).json()["id"]
+    store = ArtifactStore(stack.settings.artifacts_url)
+    work = store.uri(workspace_key(caller.tenant_id, job_id))
+
+    def stored_stage1_checkpoint() -> bool:
+        current = store.read_text(f"{work}/{CURRENT}")
+        return current is not None and any(
+            n.startswith("step-") for n in store.list_names(f"{work}/{current}/checkpoints/stage1/tkd")
+        )
+
+    wait_until(stored_stage1_checkpoint, 120, "a stored stage-1 checkpoint")
+    kill_lease_holder(stack, job_id)
+    return job_id
+
+
 def lease_history(stack: Stack, job_id: str) -> list[JobLease]:
     with session_scope(stack.settings.database_url) as session:
         return list(session.scalars(select(JobLease).where(JobLease.job_id == job_id).order_by(JobLease.epoch)))
@@ -171,27 +194,7 @@ def test_whole_worker_killed_in_stage1_is_taken_over_and_resumes_stage1(lease_st
     fay = stack.caller(f"fay-{secrets.token_hex(3)}")
     upload(stack, fay, DEMO_FILE.read_bytes(), "demo")
     upload(stack, fay, unlabelled_slice(sample_data), "pool")
-    start_spare_worker(stack)
-    spec = tiny_spec(
-        tiny_base,
-        name="stage1-resumed",
-        variants=["tkd"],
-        stage1={"batch_size": 1, "epochs": 50, "max_steps": 800, "learning_rate": 1e-4},
-        checkpoint_every=10,
-    )
-    job_id = stack.client.post("/v1/jobs", headers=fay.headers, json=spec).json()["id"]
-
-    store = ArtifactStore(stack.settings.artifacts_url)
-    work = store.uri(workspace_key(fay.tenant_id, job_id))
-
-    def stored_stage1_checkpoint() -> bool:
-        current = store.read_text(f"{work}/{CURRENT}")
-        return current is not None and any(
-            n.startswith("step-") for n in store.list_names(f"{work}/{current}/checkpoints/stage1/tkd")
-        )
-
-    wait_until(stored_stage1_checkpoint, 120, "a stored stage-1 checkpoint")
-    kill_lease_holder(stack, job_id)
+    job_id = kill_in_stage1(stack, fay, tiny_base, name="stage1-resumed", variants=["tkd"])
 
     job = stack.wait_for(fay, job_id, lambda j: j["status"] in FINISHED, timeout=240)
     assert job["status"] == "succeeded", (job, stack.worker_log.read_text()[-3000:])
@@ -204,6 +207,27 @@ def test_whole_worker_killed_in_stage1_is_taken_over_and_resumes_stage1(lease_st
     assert len({lease.worker for lease in leases}) >= 2
     for earlier, later in itertools.pairwise(leases):
         assert later.acquired_at >= (earlier.released_at or earlier.expires_at), "two workers held the job at once"
+
+
+def test_worker_killed_while_students_train_side_by_side_is_taken_over_and_resumes(
+    lease_stack, tiny_base, sample_data
+):
+    stack = lease_stack
+    gil = stack.caller(f"gil-{secrets.token_hex(3)}")
+    upload(stack, gil, DEMO_FILE.read_bytes(), "demo")
+    upload(stack, gil, unlabelled_slice(sample_data), "pool")
+    # The children write the checkpoints; the job's process copies them to the store while they are paused.
+    job_id = kill_in_stage1(stack, gil, tiny_base, name="side-by-side", variants=["kd", "tkd"])
+
+    job = stack.wait_for(gil, job_id, lambda j: j["status"] in FINISHED, timeout=240)
+    assert job["status"] == "succeeded", (job, stack.worker_log.read_text()[-3000:])
+    events = stack.client.get(f"/v1/jobs/{job_id}/events", headers=gil.headers, params={"limit": 1000}).json()
+    texts = [e["message"] for e in events["data"]]
+    assert texts.count("training the students side by side in 2 processes of 1 thread: tkd; kd") == 2, texts
+    resumed = [e["stage"] for e in events["data"] if e["message"].startswith("resuming from the checkpoint")]
+    assert "stage1:tkd" in resumed, texts
+    metrics = stack.client.get(f"/v1/jobs/{job_id}/metrics", headers=gil.headers).json()
+    assert {"stage1:tkd", "stage2:tkd", "stage2:kd"} <= {c["stage"] for c in metrics["curves"]}, metrics["curves"]
 
 
 def test_cancel_a_job_whose_worker_was_killed(lease_stack, tiny_base):
