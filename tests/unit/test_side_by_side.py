@@ -1,6 +1,8 @@
 """Students trained side by side in child processes: the same students as in one process, progress and events
 relayed, safe points only while the children are paused, cancellation that resumes, a failing child reported."""
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +135,39 @@ def test_a_failing_child_is_reported_with_its_variants(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"the child process training (kd|tmkd) failed \(exit code 1\)"):
         train_side_by_side([["kd"], ["tmkd"]], {"out_dir": tmp_path}, threads=2, hooks=Hooks())
     assert _side_by_side_processes() == []
+
+
+def test_children_stop_when_their_parent_dies(tmp_path: Path, sample_data: Path) -> None:
+    # A worker's pool process killed (the OOM killer): its children read the end of their stdin and stop.
+    long = {"epochs": 50, "max_steps": 400}
+    spec = tiny_spec(tmp_path, sample_data, variants=["kd", "tmkd"], stage1=long, stage2=long)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    script = (
+        "import sys; from pathlib import Path; from app.distill import PipelineSpec, run_pipeline; "
+        "run_pipeline(PipelineSpec.model_validate_json(Path(sys.argv[1]).read_text()), out_dir=Path(sys.argv[2]), "
+        "processes=2)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "spec.json"), str(tmp_path / "out")])
+    try:
+        deadline = time.monotonic() + 120
+        while not _side_by_side_processes():
+            assert parent.poll() is None and time.monotonic() < deadline, "no child process started"
+            time.sleep(0.1)
+        children = _side_by_side_processes()
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and _running(pid) for pid in children):
+        assert time.monotonic() < deadline, "the children kept training after their parent died"
+        time.sleep(0.1)
+    assert not (tmp_path / "out" / "checkpoints" / "stage2" / "kd" / DONE_MARKER).exists()
+
+
+def _running(pid: int) -> bool:
+    """Whether the process is alive and not a zombie waiting for its (gone) parent's reaping."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
