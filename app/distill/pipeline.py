@@ -146,7 +146,7 @@ def run_pipeline(
         "tokenizer_dir": tokenizer_dir, "out_dir": out_dir, "device": device,
     }  # fmt: skip
     threads = torch.get_num_threads()
-    groups = plan(weights, spec.variants, threads, processes) if device.torch_device.type == "cpu" else []
+    groups = plan(_student_steps(spec, weights), threads, processes) if device.torch_device.type == "cpu" else []
     student_hooks = hooks
     if groups:
         train_side_by_side(groups, arguments, threads=threads, hooks=hooks)
@@ -255,6 +255,18 @@ def _stage_weights(spec: PipelineSpec, data: _Data) -> dict[str, float]:
 
 def _stage_steps(stage: StageSpec, num_pairs: int) -> int:
     return count_steps(num_pairs, stage.batch_size, stage.epochs, stage.max_steps)
+
+
+def _student_steps(spec: PipelineSpec, weights: dict[str, float]) -> dict[str, float]:
+    """Each variant's optimiser steps over its students' stages (every member), in the spec's order."""
+    return {
+        variant: sum(
+            weights.get(member_stage(stage, variant, i, spec.ensemble_size), 0.0)
+            for stage in ("stage1", "stage2")
+            for i in range(spec.ensemble_size)
+        )
+        for variant in spec.variants
+    }
 
 
 def _pipeline_hooks(hooks: Hooks, weights: dict[str, float]) -> Hooks:

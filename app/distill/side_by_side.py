@@ -38,26 +38,21 @@ MIN_STUDENT_STEPS = 200
 STOP_TIMEOUT_S = 30.0
 
 
-def plan(weights: dict[str, float], variants: Sequence[str], threads: int, processes: int | None) -> list[list[str]]:
-    """The variants of each child, heaviest first on the least loaded (by student steps in `weights`); [] to
-    train them in this process: one variant, one thread, too few steps, or processes=1.
+def plan(steps: dict[str, float], threads: int, processes: int | None) -> list[list[str]]:
+    """The variants of each child, heaviest first on the least loaded (`steps`: each variant's student steps, in
+    the spec's order); [] to train them in this process: one variant, one thread, too few steps, or processes=1.
 
     processes=None picks one child per thread, at most one per variant.
     """
-    count = min(len(variants), threads if processes is None else processes)
-    load = dict.fromkeys(variants, 0.0)
-    for stage, weight in weights.items():
-        kind, _, name = stage.partition(":")
-        if kind in ("stage1", "stage2") and (variant := name.split("/")[0]) in load:
-            load[variant] += weight
-    if count < 2 or (processes is None and sum(load.values()) < MIN_STUDENT_STEPS):
+    count = min(len(steps), threads if processes is None else processes)
+    if count < 2 or (processes is None and sum(steps.values()) < MIN_STUDENT_STEPS):
         return []
     groups: list[list[str]] = [[] for _ in range(count)]
     totals = [0.0] * count
-    for variant in sorted(variants, key=lambda v: -load[v]):
+    for variant in sorted(steps, key=lambda v: -steps[v]):
         least = totals.index(min(totals))
         groups[least].append(variant)
-        totals[least] += load[variant]
+        totals[least] += steps[variant]
     return groups
 
 

@@ -16,28 +16,19 @@ from app.distill.train import DONE_MARKER
 from tests.unit.helpers import Recorder, tiny_spec
 from workers.workspace import folder_fingerprint
 
-WEIGHTS = {
-    "teacher:kd": 500.0,  # a teacher named like a variant is not a student stage
-    "stage2:kd": 100.0,
-    "stage2:mkd": 100.0,
-    "stage1:tkd": 150.0,
-    "stage2:tkd": 100.0,
-    "stage1:tmkd/member-0": 150.0,
-    "stage2:tmkd/member-0": 100.0,
-}
+STEPS = {"kd": 100.0, "mkd": 100.0, "tkd": 250.0, "tmkd": 250.0}  # stage 1 and 2 of each variant
 
 
 def test_plan_puts_the_heaviest_variants_apart_and_keeps_small_runs_in_process() -> None:
-    variants = ["kd", "mkd", "tkd", "tmkd"]
-    assert plan(WEIGHTS, variants, threads=2, processes=None) == [["tkd", "kd"], ["tmkd", "mkd"]]
-    assert plan(WEIGHTS, variants, threads=16, processes=None) == [["tkd"], ["tmkd"], ["kd"], ["mkd"]]
-    assert plan(WEIGHTS, variants, threads=16, processes=3) == [["tkd"], ["tmkd"], ["kd", "mkd"]]
-    assert plan(WEIGHTS, variants, threads=1, processes=None) == []
-    assert plan(WEIGHTS, variants, threads=2, processes=1) == []
-    assert plan(WEIGHTS, ["tmkd"], threads=2, processes=None) == []
-    small = {stage: 10.0 for stage in WEIGHTS}
-    assert plan(small, variants, threads=2, processes=None) == [], "too few steps to pay for the processes"
-    assert plan(small, variants, threads=2, processes=2) != [], "asked for explicitly"
+    assert plan(STEPS, threads=2, processes=None) == [["tkd", "kd"], ["tmkd", "mkd"]]
+    assert plan(STEPS, threads=16, processes=None) == [["tkd"], ["tmkd"], ["kd"], ["mkd"]]
+    assert plan(STEPS, threads=16, processes=3) == [["tkd"], ["tmkd"], ["kd", "mkd"]]
+    assert plan(STEPS, threads=1, processes=None) == []
+    assert plan(STEPS, threads=2, processes=1) == []
+    assert plan({"tmkd": 250.0}, threads=2, processes=None) == []
+    small = dict.fromkeys(STEPS, 10.0)
+    assert plan(small, threads=2, processes=None) == [], "too few steps to pay for the processes"
+    assert plan(small, threads=2, processes=2) != [], "asked for explicitly"
 
 
 def _student_files(result_dir: Path) -> dict[str, torch.Tensor]:
