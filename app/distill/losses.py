@@ -143,12 +143,14 @@ def multi_head_listwise_loss(
 def _group_values(values: Tensor, groups: Tensor, *, fill: float) -> Tensor:
     """values [B] laid out as [questions, most candidates], `fill` where a question has fewer."""
     _, question = torch.unique(groups, return_inverse=True)
-    count = int(question.max()) + 1
-    position = torch.zeros_like(question)
-    for q in range(count):  # a batch holds a few dozen questions at most
-        where = question == q
-        position[where] = torch.arange(int(where.sum()), device=groups.device)
-    out = values.new_full((count, int(position.max()) + 1), fill)
+    sizes = torch.bincount(question)
+    # Each pair's place among its question's pairs, in batch order: its rank in a stable sort by question, less
+    # the rank of its question's first pair.
+    order = torch.argsort(question, stable=True)
+    position = torch.empty_like(question)
+    first = torch.cumsum(sizes, 0) - sizes
+    position[order] = torch.arange(len(question), device=groups.device) - first[question[order]]
+    out = values.new_full((len(sizes), int(sizes.max())), fill)
     out[question, position] = values
     return out
 
