@@ -163,6 +163,16 @@ def test_listwise_hard_loss_is_minus_log_probability_of_the_relevant_candidates(
     assert listwise_hard_loss(SCORES, labels, GROUPS).item() == pytest.approx(-math.log(p[1] + p[2]), rel=1e-5)
 
 
+def test_listwise_losses_do_not_depend_on_where_a_questions_candidates_sit_in_the_batch() -> None:
+    teacher = torch.tensor([1.0, 1.0, 0.0, 2.0, -2.0])
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    mixed = torch.tensor([3, 0, 4, 1, 2])  # the two questions' candidates interleaved
+    soft = listwise_soft_loss(SCORES, teacher, GROUPS, 2.0)
+    assert listwise_soft_loss(SCORES[mixed], teacher[mixed], GROUPS[mixed], 2.0).item() == pytest.approx(soft.item())
+    hard = listwise_hard_loss(SCORES, labels, GROUPS)
+    assert listwise_hard_loss(SCORES[mixed], labels[mixed], GROUPS[mixed]).item() == pytest.approx(hard.item())
+
+
 def test_multi_head_listwise_loss_sums_heads_and_uses_labels_only_with_alpha_below_one() -> None:
     heads = torch.stack([torch.zeros(5), SCORES], dim=-1)[:, None].repeat(1, 2, 1)  # [5, 2, 2]
     teacher = torch.stack([torch.zeros(5), -SCORES], dim=-1)[:, None].repeat(1, 2, 1)
