@@ -121,7 +121,8 @@ def in_batch_ranking_loss(model: BiEncoder, batch: dict[str, Tensor], embedding_
     )
     questions = model.embed(batch["q_input_ids"][index], batch["q_attention_mask"][index])
     passages = model.embed(batch["p_input_ids"], batch["p_attention_mask"])
-    scores = model.scale * questions @ passages.T  # [questions, passages]
+    with torch.autocast(questions.device.type, enabled=False):  # float32 logits, as in CosineHeads
+        scores = model.scale * questions.float() @ passages.float().T  # [questions, passages]
     relevant = (first[None, :] == torch.arange(len(owners), device=groups.device)[:, None]) & (labels[None, :] == 1)
     useful = relevant.any(dim=1)
     anchor = scores.new_zeros((), dtype=torch.float32)
@@ -162,8 +163,7 @@ def embed_texts(
             if hooks.cancel_requested():
                 raise Cancelled("soft_labels: cancelled")
             batch = device.move(encoded.collate(indices))
-            with device.autocast():
-                out[torch.tensor(indices)] = model.embed(batch["input_ids"], batch["attention_mask"]).float().cpu()
+            out[torch.tensor(indices)] = model.embed(batch["input_ids"], batch["attention_mask"]).float().cpu()
             if on_batch is not None:
                 on_batch()
     return out

@@ -20,7 +20,11 @@ class Device:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """bf16 autocast on CUDA; plain float32 on CPU, where bf16 matmuls are slower and less exact."""
+        """bf16 autocast on CUDA for training; plain float32 on CPU, where bf16 matmuls are slower and less exact.
+
+        Inference (soft labels, embeddings, calibration, evaluation) stays float32 on both: bf16 keeps about 3
+        digits, enough to reorder close candidates and to make cached soft labels depend on the device.
+        """
         if self.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 yield

@@ -561,8 +561,7 @@ def _calibrate(student: nn.Module, pairs: list[Pair], encodings: Any, device: De
     with torch.inference_mode():
         for start in range(0, len(picked), EVAL_BATCH):
             batch = device.move(encodings.collate(picked[start : start + EVAL_BATCH]))
-            with device.autocast():
-                logits.append(student(**batch).float().cpu())
+            logits.append(student(**batch).float().cpu())
     labels = torch.tensor([pairs[i].label for i in picked])
     calibrate_heads(student, relevance(torch.cat(logits)), labels)
 
@@ -619,7 +618,7 @@ def _evaluate(
             students, tokenizer, max_length=max_length, heads=heads, device=str(device.torch_device)
         )
         for key, _, pairs in data.eval_sets():
-            member_scores = _member_scores(ensemble, pairs, max_length, device)
+            member_scores = _member_scores(ensemble, pairs, max_length)
             scores[key][variant] = member_scores.mean(1)
             if len(students) > 1:
                 for i in range(len(students)):
@@ -671,13 +670,12 @@ def _evaluate(
     )
 
 
-def _member_scores(ensemble: StudentEnsemble, pairs: list[Pair], max_length: int, device: Device) -> Tensor:
+def _member_scores(ensemble: StudentEnsemble, pairs: list[Pair], max_length: int) -> Tensor:
     """P(relevant) of every pair by every member: [N, members]."""
     encodings = encode_pairs(pairs, ensemble.tokenizer, max_length)
     out = torch.empty(len(pairs), len(ensemble.members))
     for indices in iter_batches(encodings, batch_size=EVAL_BATCH, shuffle=False, seed=0):
-        with device.autocast():
-            member_scores = ensemble.score_batch(encodings.collate(indices)).member_scores
+        member_scores = ensemble.score_batch(encodings.collate(indices)).member_scores
         out[torch.tensor(indices)] = torch.from_numpy(member_scores).float()
     return out
 

@@ -159,8 +159,7 @@ def predict_logits(
         for indices in batches:
             if hooks.cancel_requested():
                 raise Cancelled("soft_labels: cancelled")
-            with device.autocast():
-                logits = model(**device.move(encodings.collate(indices))).logits.float().cpu()
+            logits = model(**device.move(encodings.collate(indices))).logits.float().cpu()
             if logits.shape[-1] == 1:
                 logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)
             out[torch.tensor(indices)] = logits

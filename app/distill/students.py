@@ -101,8 +101,10 @@ class CosineHeads(nn.Module):
         self.bias = nn.Parameter(torch.zeros(count))
 
     def forward(self, question: Tensor, passage: Tensor) -> Tensor:
-        """Relevance logits [B, H] of unit vectors [B, D]."""
-        return (question * passage) @ self.weight.T + self.bias
+        """Relevance logits [B, H] of unit vectors [B, D], in float32 also under autocast (bf16 would round a logit
+        near 20 to steps of 0.125, coarser than the gaps between a question's candidates)."""
+        with torch.autocast(question.device.type, enabled=False):
+            return (question.float() * passage.float()) @ self.weight.T + self.bias
 
 
 class BiEncoderStudent(nn.Module):

@@ -140,7 +140,7 @@ def train(
             batches = group_batches(groups, questions=per_batch, shuffle=True, seed=config.seed, epoch=epoch)
         while position < len(batches) and step < total:
             if hooks.cancel_requested():
-                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, epoch, position)
+                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, device, step, epoch, position)
                 hooks.event(stage, f"cancelled at step {step} of {total}; checkpoint saved")
                 raise Cancelled(f"{stage}: cancelled at step {step} of {total}")
             indices = batches[position]
@@ -162,13 +162,13 @@ def train(
                 lr = scheduler.get_last_lr()[0]
                 hooks.progress(Progress(stage, step, total, loss=loss_value, metrics={"lr": lr}))
             if step % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, epoch, position)
+                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, device, step, epoch, position)
                 saved_step = step
         if position >= len(batches):
             epoch, position = epoch + 1, 0
 
     if saved_step != step:
-        _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, epoch, position)
+        _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, device, step, epoch, position)
     _write_atomically(checkpoint_dir / DONE_MARKER, json.dumps({"steps": step, "loss": loss_value}))
     hooks.event(stage, f"finished {step} steps, last loss {loss_value}")
     resumed_from = None if resumed is None else resumed["step"]
@@ -238,7 +238,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_states() -> dict:
+def _rng_states(device: Device) -> dict:
     numpy_state = np.random.get_state()
     states = {
         "python": random.getstate(),
@@ -250,12 +250,12 @@ def _rng_states() -> dict:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.is_cuda:  # the training device's generator alone: a resume may see fewer GPUs
+        states["cuda"] = torch.cuda.get_rng_state(device.torch_device)
     return states
 
 
-def _restore_rng_states(states: dict) -> None:
+def _restore_rng_states(states: dict, device: Device) -> None:
     random.setstate(states["python"])
     numpy_state = states["numpy"]
     np.random.set_state(
@@ -268,8 +268,8 @@ def _restore_rng_states(states: dict) -> None:
         )
     )
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and device.is_cuda:
+        torch.cuda.set_rng_state(states["cuda"], device.torch_device)
 
 
 def _save_checkpoint(
@@ -277,6 +277,7 @@ def _save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: Device,
     step: int,
     epoch: int,
     position: int,
@@ -294,7 +295,7 @@ def _save_checkpoint(
             "step": step,
             "epoch": epoch,
             "position": position,
-            "rng": _rng_states(),
+            "rng": _rng_states(device),
         },
         target / "state.pt",
     )
@@ -321,7 +322,7 @@ def _load_checkpoint(
     state = torch.load(target / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng_states(state["rng"])
+    _restore_rng_states(state["rng"], device)
     return state
 
 
