@@ -33,6 +33,7 @@ from app.distill.scoring import (
     score_encoded,
     torch_member,
 )
+from app.distill.students import CosineHeads
 from app.serving.pooled import FirstTokenStudent, supports_first_token
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,21 @@ def serving_module(member: nn.Module) -> nn.Module:
     return FirstTokenStudent(member) if supports_first_token(member) else member
 
 
+def half_precision(member: nn.Module) -> nn.Module:
+    """The member in fp16 (in place) but for its cosine heads, which stay float32: their weights (about 20) would round
+    to steps of 0.016 in fp16, and they score in float32 anyway (CosineHeads, scoring.torch_member)."""
+    heads = {id(p) for m in member.modules() if isinstance(m, CosineHeads) for p in m.parameters()}
+    with torch.no_grad():
+        for parameter in member.parameters():
+            if id(parameter) not in heads and parameter.is_floating_point():
+                parameter.data = parameter.data.half()
+        for module in member.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point():
+                    setattr(module, name, buffer.half())
+    return member
+
+
 def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
     member = serving_module(member)
     if backend == "torch-fp32":
@@ -176,7 +192,7 @@ def _prepare_torch_member(member: nn.Module, backend: str) -> nn.Module:
     if backend == CUDA_BACKEND:
         if not torch.cuda.is_available():
             raise BackendError("torch-fp16 needs a CUDA GPU")
-        return member.half().to("cuda")
+        return half_precision(member).to("cuda")
     raise BackendError(f"unknown backend {backend!r}; expected one of {(*CPU_BACKENDS, CUDA_BACKEND)}")
 
 

@@ -19,7 +19,7 @@ from app.distill.onnx_runtime import export_onnx
 from app.distill.scoring import EmbeddingMember, score_encoded, split_sides, torch_forward
 from app.distill.spec import StudentSpec
 from app.distill.students import build_student
-from app.serving.backends import CPU_BACKENDS, ONNX_FILES, load_runner, quantize_onnx
+from app.serving.backends import CPU_BACKENDS, ONNX_FILES, half_precision, load_runner, quantize_onnx
 from app.serving.optimize import optimize_for_serving
 from tests.unit.helpers import make_tiny_base
 
@@ -126,6 +126,21 @@ def test_fast_path_scores_equal_the_pair_form_on_every_backend(
     assert np.abs(served.score(questions, passages).scores - expected.scores).max() < 1e-5
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["serving"]["backend"] == serving["backend"]
+
+
+def test_the_gpus_half_precision_member_keeps_its_heads_exact(
+    bi_encoder_ensemble: Path, eval_pairs: list[Pair]
+) -> None:
+    questions, passages = _texts(eval_pairs)
+    expected = _pair_form(bi_encoder_ensemble, questions, passages)
+    member = load_ensemble(bi_encoder_ensemble).members[0]
+    trained = member.heads.weight.detach().clone()
+    half = half_precision(member)  # what torch-fp16 serves on CUDA (on the CPU here: the same dtypes)
+    assert {p.dtype for p in half.encoder.parameters()} == {torch.float16}
+    assert half.heads.weight.dtype == torch.float32 and torch.equal(half.heads.weight, trained)
+    encoded = load_ensemble(bi_encoder_ensemble).encoder(questions, passages)
+    got = score_encoded(encoded, [torch_forward(half)], chunk_pairs=5)
+    assert np.abs(got.head_scores - expected.head_scores[:, :1]).max() < 0.02  # fp16 encoder, float32 heads
 
 
 def test_onnx_side_encoder_equals_the_pair_form(
