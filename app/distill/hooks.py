@@ -1,7 +1,7 @@
 """How a pipeline talks to its caller: progress reports, milestone events and cancellation."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Hooks:
 
     def without_safe_points(self) -> "Hooks":
         """These hooks, reporting without telling the caller the files are whole."""
-        return Hooks(on_progress=self.on_progress, on_event=self.on_event, should_cancel=self.should_cancel)
+        return replace(self, on_safe_point=None)
 
     def cancel_requested(self) -> bool:
         """Whether the caller wants the run to stop now."""

@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ def run_pipeline(
     if groups:
         train_side_by_side(groups, arguments, threads=threads, hooks=hooks)
         # Each stage is trained: the students load from their final checkpoints, without reporting again.
-        student_hooks = Hooks(should_cancel=hooks.should_cancel, on_safe_point=hooks.on_safe_point)
+        student_hooks = replace(hooks, on_progress=None, on_event=None)
     students = {v: train_variant(variant=v, hooks=student_hooks, **arguments) for v in spec.variants}
     tokenizer = next(iter(students.values()))[1]
     members = {v: m for v, (m, _) in students.items()}
@@ -295,13 +295,7 @@ def _pipeline_hooks(hooks: Hooks, weights: dict[str, float]) -> Hooks:
         if hooks.on_progress is not None:
             hooks.on_progress(progress)
 
-    return Hooks(
-        on_progress=on_progress,
-        on_event=hooks.on_event,
-        should_cancel=hooks.should_cancel,
-        on_safe_point=hooks.on_safe_point,
-        safe_point_every_s=hooks.safe_point_every_s,
-    )
+    return replace(hooks, on_progress=on_progress)
 
 
 def _soft_labels(
